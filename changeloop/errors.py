@@ -1,0 +1,193 @@
+"""The exception tree: one root, a few flat groups, raised where the failure is understood.
+
+Low-level failures (``OSError``, ``ssl.SSLError``, ``json`` errors) are translated at the boundary
+that understands them and always chained (``raise ... from exc``), so the original stays visible.
+Misuse of the API raises ``ValueError``, ``TypeError`` or ``RuntimeError``, never these.
+"""
+
+from typing import Any, Dict, Optional
+
+__all__ = [
+    "ChangeloopError",
+    "ProtocolError",
+    "FeedError",
+    "LineTooLongError",
+    "NetworkError",
+    "ConnectError",
+    "ReadError",
+    "TLSError",
+    "Timeout",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "HTTPError",
+    "BadRequest",
+    "Unauthorized",
+    "Forbidden",
+    "NotFound",
+    "Conflict",
+    "PreconditionFailed",
+    "ServerError",
+    "CallbackError",
+]
+
+
+class ChangeloopError(Exception):
+    """The root of every error changeloop raises on purpose."""
+
+
+# -- the bytes were wrong --------------------------------------------------------------------
+
+
+class ProtocolError(ChangeloopError):
+    """The peer sent bytes that are not valid HTTP/1.1 (RFC 9112), or ended a message early."""
+
+
+class FeedError(ChangeloopError):
+    """The HTTP was fine but the ``_changes`` body was not a feed we understand."""
+
+
+class LineTooLongError(FeedError):
+    """A feed line grew past the configured limit before its newline arrived."""
+
+
+# -- the network failed ----------------------------------------------------------------------
+
+
+class NetworkError(ChangeloopError):
+    """The connection could not be made, or broke while in use."""
+
+
+class ConnectError(NetworkError):
+    """The connection could not be made: refused, unreachable, or the name did not resolve."""
+
+
+class ReadError(NetworkError):
+    """An established connection broke: reset, aborted, or closed by the peer mid-message."""
+
+
+class TLSError(NetworkError):
+    """The TLS handshake or session failed: untrusted certificate, wrong host name, bad record.
+
+    Retrying does not help with a certificate problem, so consumers treat this as fatal.
+    """
+
+
+class Timeout(NetworkError, TimeoutError):
+    """Nothing happened for too long. Also a builtin ``TimeoutError``, so generic code catches it."""
+
+
+class ConnectTimeout(Timeout, ConnectError):
+    """The connection (TCP and TLS handshake) was not established in time."""
+
+
+class ReadTimeout(Timeout, ReadError):
+    """The peer sent nothing for too long on an established connection."""
+
+
+# -- the server said no ----------------------------------------------------------------------
+
+
+class HTTPError(ChangeloopError):
+    """The server answered with an error status; carries CouchDB's ``error`` and ``reason``.
+
+    Attributes:
+        status: the HTTP status code, e.g. 404.
+        error: CouchDB's short error name (``"not_found"``), or ``None`` if the body had none.
+        reason: CouchDB's explanation (``"missing"``), or ``None``.
+        method: the request method.
+        url: the request URL, never with credentials in it.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        error: Optional[str] = None,
+        reason: Optional[str] = None,
+        *,
+        method: str = "",
+        url: str = "",
+    ) -> None:
+        self.status = status
+        self.error = error
+        self.reason = reason
+        self.method = method
+        self.url = url
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        text = "HTTP %d" % self.status
+        if self.error:
+            text += " %s" % self.error
+        if self.reason:
+            text += ": %s" % self.reason
+        if self.method or self.url:
+            text += " (%s %s)" % (self.method, self.url)
+        return text
+
+    def __reduce__(self) -> Any:
+        kwargs: Dict[str, Any] = {"method": self.method, "url": self.url}
+        return (_rebuild_http_error, (type(self), self.status, self.error, self.reason, kwargs))
+
+
+def _rebuild_http_error(cls: Any, status: int, error: Any, reason: Any, kwargs: Any) -> Any:
+    return cls(status, error, reason, **kwargs)
+
+
+class BadRequest(HTTPError):
+    """400: the request was malformed (a bad ``since``, a selector CouchDB cannot read)."""
+
+
+class Unauthorized(HTTPError):
+    """401: no credentials, or wrong ones."""
+
+
+class Forbidden(HTTPError):
+    """403: the credentials are valid but not allowed to do this."""
+
+
+class NotFound(HTTPError):
+    """404: no such database, document, design document or filter."""
+
+
+class Conflict(HTTPError):
+    """409: the document was changed since the revision given."""
+
+
+class PreconditionFailed(HTTPError):
+    """412: a precondition failed, e.g. creating a database that already exists."""
+
+
+class ServerError(HTTPError):
+    """5xx: the server failed; usually worth retrying later."""
+
+
+_STATUS_ERRORS = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    412: PreconditionFailed,
+}
+
+
+def http_error_for(
+    status: int,
+    error: Optional[str] = None,
+    reason: Optional[str] = None,
+    *,
+    method: str = "",
+    url: str = "",
+) -> HTTPError:
+    """Return the most specific :class:`HTTPError` subclass for ``status``."""
+    cls = _STATUS_ERRORS.get(status)
+    if cls is None:
+        cls = ServerError if status >= 500 else HTTPError
+    return cls(status, error, reason, method=method, url=url)
+
+
+# -- your code failed ------------------------------------------------------------------------
+
+
+class CallbackError(ChangeloopError):
+    """A user callback raised; the original exception is chained as ``__cause__``."""
