@@ -73,7 +73,7 @@ class TLSError(NetworkError):
 
 
 class Timeout(NetworkError, TimeoutError):
-    """Nothing happened for too long. Also a builtin ``TimeoutError``, so generic code catches it."""
+    """Nothing happened for too long; also a builtin ``TimeoutError`` for generic handlers."""
 
 
 class ConnectTimeout(Timeout, ConnectError):

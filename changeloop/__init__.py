@@ -1,0 +1,52 @@
+"""changeloop: follow CouchDB ``_changes`` feeds from plain synchronous Python.
+
+One thread, many databases, no dependencies. See the README for the tour.
+"""
+
+from ._version import __version__
+from .errors import (
+    BadRequest,
+    CallbackError,
+    ChangeloopError,
+    Conflict,
+    ConnectError,
+    ConnectTimeout,
+    FeedError,
+    Forbidden,
+    HTTPError,
+    LineTooLongError,
+    NetworkError,
+    NotFound,
+    PreconditionFailed,
+    ProtocolError,
+    ReadError,
+    ReadTimeout,
+    ServerError,
+    Timeout,
+    TLSError,
+    Unauthorized,
+)
+
+__all__ = [
+    "__version__",
+    "BadRequest",
+    "CallbackError",
+    "ChangeloopError",
+    "Conflict",
+    "ConnectError",
+    "ConnectTimeout",
+    "FeedError",
+    "Forbidden",
+    "HTTPError",
+    "LineTooLongError",
+    "NetworkError",
+    "NotFound",
+    "PreconditionFailed",
+    "ProtocolError",
+    "ReadError",
+    "ReadTimeout",
+    "ServerError",
+    "Timeout",
+    "TLSError",
+    "Unauthorized",
+]
