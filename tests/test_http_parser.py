@@ -74,18 +74,20 @@ def three_ways(raw: bytes, **kwargs: object) -> List[Union[Event, bytes]]:
     return whole
 
 
-CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+CHUNKED_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
 
 
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-# -- heads -----------------------------------------------------------------------------------------
+# -- heads ----------------------------------------------------------------------------------------
 
 
 def test_content_length_response_three_ways() -> None:
-    raw = b"HTTP/1.1 201 Created\r\nContent-Length: 11\r\nX-Couch-Request-ID: a\r\n\r\n{\"ok\":true}"
+    raw = b'HTTP/1.1 201 Created\r\nContent-Length: 11\r\nX-Couch-Request-ID: a\r\n\r\n{"ok":true}'
     result = three_ways(raw)
     head = result[0]
     assert isinstance(head, Response)
@@ -194,7 +196,7 @@ def test_headers_that_never_end_are_bounded() -> None:
             assert parser.next_event() is NEED_DATA
 
 
-# -- keep-alive ----------------------------------------------------------------------------------------
+# -- keep-alive -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -215,7 +217,7 @@ def test_keep_alive_is_reported(head: bytes, keep_alive: bool) -> None:
     assert events[0].keep_alive is keep_alive
 
 
-# -- Content-Length and until-close ------------------------------------------------------------------------
+# -- Content-Length and until-close ---------------------------------------------------------------
 
 
 def test_content_length_eof_early_is_an_error() -> None:
@@ -255,7 +257,7 @@ def test_no_body_responses(method: str, status: int) -> None:
     assert parser.trailing_data == (b"HTTP/1.1", False)
 
 
-# -- chunked -------------------------------------------------------------------------------------------
+# -- chunked --------------------------------------------------------------------------------------
 
 
 def test_chunked_three_ways() -> None:
@@ -359,7 +361,7 @@ def test_transfer_encoding_in_http_1_0_is_rejected() -> None:
         feed([b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"])
 
 
-# -- EOF and state ----------------------------------------------------------------------------------
+# -- EOF and state --------------------------------------------------------------------------------
 
 
 def test_eof_before_any_byte_is_connection_closed() -> None:
@@ -397,7 +399,7 @@ def test_repr_says_where_it_is() -> None:
     assert repr(parser) == "<ResponseParser state=body status=200 buffered=0 eof=False>"
 
 
-# -- properties -----------------------------------------------------------------------------------------
+# -- properties -----------------------------------------------------------------------------------
 
 ROWS = st.lists(st.binary(min_size=0, max_size=40), min_size=0, max_size=12)
 
@@ -422,7 +424,12 @@ def test_content_length_any_split(body: bytes, cuts: List[int]) -> None:
     assert merged(events)[1:] == ([body] if body else []) + [EndOfMessage()]
 
 
-PREFIXES = [b"", CHUNKED_HEAD, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"HTTP/1.1 200 OK\r\n"]
+PREFIXES = [
+    b"",
+    CHUNKED_HEAD,
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n",
+]
 
 
 @settings(max_examples=400, deadline=None)

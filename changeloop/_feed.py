@@ -1,0 +1,217 @@
+"""Feed decoding: de-chunked ``_changes`` body bytes in, rows, heartbeats and the end out.
+
+Sans-IO like the HTTP parser below it: no sockets, clocks or callbacks; it raises only
+:class:`~changeloop.errors.FeedError`.
+
+Continuous feeds (and ``_db_updates``) are one JSON object per line. Lines end in ``\\n`` or
+``\\r\\n``; an empty line is a heartbeat; a ``{"last_seq": ..}`` line ends the feed (CouchDB 2+ on
+its ``timeout`` or ``limit``). Line boundaries have nothing to do with chunk boundaries: CouchDB
+packs many rows in one chunk and proxies re-chunk, so lines are split only here, after de-chunking.
+
+Speed: JSON decoding, not the network, bounds a catching-up consumer. So each received run of
+complete lines is decoded to ``str`` once, and each row is parsed in place by the stdlib decoder's
+scanner (``JSONDecoder.scan_once``, the C scanner on CPython) instead of slicing a substring and
+calling ``json.loads`` per line. That scanner is an implementation detail of the ``json`` module,
+so it is used only when it is the C one; otherwise (and for any line the fast path does not
+recognise, such as one with leading blanks) the plain ``json.loads`` path decodes the line.
+
+Normal and longpoll bodies are one JSON document, decoded whole by :func:`decode_document`.
+"""
+
+import json
+import json.scanner
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+from .errors import FeedError, LineTooLongError
+
+__all__ = ["LineDecoder", "LastSeq", "decode_document", "MAX_LINE_BYTES", "FAST_SCANNER"]
+
+#: The longest feed line accepted. CouchDB 3 caps a document at 8,000,000 bytes
+#: (``max_document_size``), and a row with ``include_docs`` carries one whole document plus a
+#: little framing; 16 MiB covers that with room for JSON escaping, while keeping a hostile or
+#: broken server that never sends a newline from growing our memory without bound.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+Row = Dict[str, Any]
+_ScanOnce = Callable[[str, int], Tuple[Any, int]]
+
+
+def _c_scanner() -> Optional[_ScanOnce]:
+    """Return the C ``scan_once`` of a default decoder, or ``None`` where there is none."""
+    c_make_scanner = getattr(json.scanner, "c_make_scanner", None)
+    if c_make_scanner is None:
+        return None
+    scan: _ScanOnce = c_make_scanner(json.JSONDecoder())
+    return scan
+
+
+#: Whether the fast path is available on this interpreter (CPython's ``_json`` C scanner).
+FAST_SCANNER = _c_scanner() is not None
+
+
+class LastSeq(NamedTuple):
+    """The ``{"last_seq": .., "pending": ..}`` line that ends a continuous feed."""
+
+    seq: Any
+    pending: Optional[int]
+
+
+class LineDecoder:
+    """Split a continuous feed's body into rows, counting heartbeats and noting the end.
+
+    Args:
+        max_line_bytes: the longest line accepted; see :data:`MAX_LINE_BYTES`.
+        fast: use the C scanner when available (``False`` forces the plain path, for tests).
+    """
+
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES, fast: bool = True) -> None:
+        if max_line_bytes < 1:
+            raise ValueError("max_line_bytes must be positive")
+        self.max_line_bytes = max_line_bytes
+        self._scan: Optional[_ScanOnce] = _c_scanner() if fast else None
+        self._tail = b""  # an incomplete last line, waiting for its newline
+        #: Heartbeat (empty) lines seen so far.
+        self.heartbeats = 0
+        #: Rows decoded so far (not counting heartbeats and the last_seq line).
+        self.rows = 0
+        #: Set once the ``last_seq`` line arrived: the server ended the feed.
+        self.last_seq: Optional[LastSeq] = None
+
+    def __repr__(self) -> str:
+        return "<LineDecoder rows=%d heartbeats=%d buffered=%d ended=%s>" % (
+            self.rows,
+            self.heartbeats,
+            len(self._tail),
+            self.last_seq is not None,
+        )
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete line held until its newline arrives."""
+        return len(self._tail)
+
+    def feed(self, data: bytes) -> List[Row]:
+        """Decode the complete lines in ``data`` (plus what was held back) and return the rows.
+
+        Raises:
+            FeedError: a line is not a JSON object, the server reported an error row, rows
+                follow the ``last_seq`` line, or the bytes are not UTF-8.
+            LineTooLongError: a line is longer than ``max_line_bytes``.
+        """
+        last = data.rfind(b"\n")
+        if last < 0:
+            self._hold(self._tail + data if self._tail else data)
+            return []
+        rows: List[Row] = []
+        start = 0
+        if self._tail:
+            first = data.find(b"\n")
+            self._decode(self._tail + data[: first + 1], rows)
+            start = first + 1
+        if start <= last:
+            self._decode(data[start : last + 1] if start else data[: last + 1], rows)
+        self._hold(data[last + 1 :])
+        return rows
+
+    def close(self) -> None:
+        """Say the body ended; a partial last line is an error (the feed was cut).
+
+        Raises:
+            FeedError: the body ended in the middle of a line.
+        """
+        if self._tail.strip():
+            raise FeedError("the feed ended in the middle of a line (%d bytes)" % len(self._tail))
+        self._tail = b""
+
+    def _hold(self, tail: bytes) -> None:
+        if len(tail) > self.max_line_bytes:
+            raise LineTooLongError(
+                "a feed line exceeded %d bytes without a newline (max_line_bytes)"
+                % self.max_line_bytes
+            )
+        self._tail = tail
+
+    def _decode(self, chunk: bytes, rows: List[Row]) -> None:
+        """Decode complete lines (``chunk`` ends with a newline) and append their rows."""
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FeedError("feed bytes are not UTF-8: %s" % exc) from exc
+        scan = self._scan
+        limit = self.max_line_bytes
+        append = rows.append
+        find = text.find
+        pos = 0
+        end_of_text = len(text)
+        while pos < end_of_text:
+            newline = find("\n", pos)  # always found: chunk ends with a newline
+            if newline - pos > limit:
+                raise LineTooLongError(
+                    "a feed line of %d characters exceeds max_line_bytes (%d)"
+                    % (newline - pos, limit)
+                )
+            row: Any = None
+            if scan is not None and text[pos] == "{":
+                try:
+                    row, end = scan(text, pos)
+                except (StopIteration, ValueError):
+                    row = None  # let the plain path produce the error message
+                else:
+                    if end != newline and text[end:newline].strip():
+                        row = None
+            if row is None:
+                line = text[pos:newline].strip()
+                if not line:
+                    self.heartbeats += 1
+                    pos = newline + 1
+                    continue
+                row = _loads_line(line)
+            pos = newline + 1
+            if "last_seq" in row or "error" in row:
+                self._end_or_error(row)
+                continue
+            if self.last_seq is not None:
+                raise FeedError("a row arrived after the last_seq line: %s" % _excerpt(row))
+            self.rows += 1
+            append(row)
+
+    def _end_or_error(self, row: Row) -> None:
+        if "error" in row:
+            raise FeedError(
+                "the server reported an error in the feed: %s: %s"
+                % (row.get("error"), row.get("reason"))
+            )
+        if self.last_seq is not None:
+            raise FeedError("a second last_seq line arrived: %s" % _excerpt(row))
+        pending = row.get("pending")
+        self.last_seq = LastSeq(row["last_seq"], pending if isinstance(pending, int) else None)
+
+
+def _loads_line(line: str) -> Row:
+    try:
+        row = json.loads(line)
+    except ValueError as exc:
+        raise FeedError("a feed line is not JSON (%s): %s" % (exc, _excerpt(line))) from exc
+    if not isinstance(row, dict):
+        raise FeedError("a feed line is not a JSON object: %s" % _excerpt(line))
+    return row
+
+
+def decode_document(body: bytes) -> Row:
+    """Decode a normal or longpoll ``_changes`` body (one JSON object, heartbeats included).
+
+    Raises:
+        FeedError: the body is not a JSON object with a ``results`` list.
+    """
+    try:
+        document = json.loads(body)
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise FeedError("the _changes body is not JSON (%s): %s" % (exc, _excerpt(body))) from exc
+    if not isinstance(document, dict) or not isinstance(document.get("results"), list):
+        raise FeedError("the _changes body has no results list: %s" % _excerpt(body))
+    return document
+
+
+def _excerpt(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
