@@ -478,3 +478,17 @@ def test_byte_by_byte_feeding_resumes_the_head_search() -> None:
         assert parser._head_scan == i  # the last byte: where a split CRLF may continue
     parser.receive_data(b"Content-Length: 0\r\n\r\n")
     assert isinstance(parser.next_event(), Response)
+
+
+def test_chunk_size_line_arriving_before_its_data() -> None:
+    # Regression: a size line with none of its data yet must give NEED_DATA, not an empty Data.
+    parser = ResponseParser()
+    parser.receive_data(CHUNKED_HEAD + b"5\r\n")
+    assert isinstance(parser.next_event(), Response)
+    assert parser.next_event() is NEED_DATA
+    parser.receive_data(b"hel")
+    assert parser.next_event() == Data(b"hel")
+    assert parser.next_event() is NEED_DATA
+    parser.receive_data(b"lo\r\n0\r\n\r\n")
+    assert parser.next_event() == Data(b"lo")
+    assert parser.next_event() == EndOfMessage()

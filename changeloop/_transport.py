@@ -1,0 +1,506 @@
+"""Sockets in, sockets out: connecting, TLS, and translating socket failures into our errors.
+
+Strategy: this module knows nothing of HTTP, CouchDB or the event loop; it wraps sockets. The
+blocking client gets :func:`connect_blocking` (each resolved address in turn, then the TLS
+handshake, all within one deadline). The selectors loop gets :class:`NonBlockingConnection`:
+its ``start()``/``advance()`` return the readiness (:class:`Want`) they need next, so neither
+connecting nor the TLS handshake ever blocks; the loop owns the timers, it owns the socket.
+Every ``OSError``/``ssl.SSLError`` is translated here by :func:`map_socket_error` (which the
+blocking client also uses for its reads) and chained with ``from``. Messages name ``host:port``
+and the phase, never credentials: callers pass bare host names.
+"""
+
+import enum
+import logging
+import os
+import socket
+import ssl
+import time
+from typing import Any, List, Optional, Tuple, Union
+
+from .errors import ConnectError, ConnectTimeout, NetworkError, ReadError, ReadTimeout, TLSError
+
+__all__ = ["Want", "NonBlockingConnection", "make_ssl_context", "resolve", "tune_socket",
+           "connect_blocking", "map_socket_error"]
+
+logger = logging.getLogger(__name__)
+
+# Half-open connections (a NAT box or load balancer silently forgot us, the server host died) are
+# the most common failure of a long-lived changes follower: without keepalive the socket waits
+# forever. These notice a dead peer after about 60 + 10 * 5 = 110 s of silence. (The consumer's
+# heartbeat watchdog usually notices sooner; keepalive also covers idle pooled sockets.)
+KEEPALIVE_IDLE_S = 60
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_COUNT = 5
+
+# Python does not enable OpenSSL's partial writes, and OpenSSL wants a write that failed with
+# WANT_WRITE retried with the same bytes. Capping each TLS send at one record's plaintext (RFC
+# 8446 section 5.1) keeps retries identical as long as the caller resends from the same offset.
+MAX_TLS_WRITE_BYTES = 16384
+
+PHASES = ("resolve", "connect", "TLS handshake", "read", "write")
+_CONNECT_PHASES = PHASES[:3]
+
+AddrInfo = Tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
+
+
+class Want(enum.Enum):
+    """What a :class:`NonBlockingConnection` needs before it can make progress."""
+
+    READ = "read"  # wait until the socket is readable, then call advance() again
+    WRITE = "write"  # wait until the socket is writable, then call advance() again
+    DONE = "done"  # connected (and handshaken): use recv() and send()
+
+
+def _where(host: str, port: int) -> str:
+    # An IPv6 literal needs brackets, or "::1:5984" would be ambiguous.
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def make_ssl_context(*, cafile: Optional[str] = None, capath: Optional[str] = None,
+                     cadata: Optional[Union[str, bytes]] = None, certfile: Optional[str] = None,
+                     keyfile: Optional[str] = None, key_password: Optional[str] = None,
+                     verify: bool = True) -> ssl.SSLContext:
+    """Build a client TLS context: certificate verified, host name checked, TLS 1.2 or newer.
+
+    Args:
+        cafile, capath, cadata: trust these CAs instead of the system store.
+        certfile, keyfile, key_password: a PEM client certificate, for servers that ask for one.
+        verify: ``False`` turns off certificate *and* host name checks. Dangerous: anyone on the
+            path can then read and change the traffic, credentials included. For tests only.
+    Returns:
+        A new ``ssl.SSLContext``, to be shared by many connections.
+    Raises:
+        ssl.SSLError, OSError: a CA or certificate file is missing or malformed.
+        ValueError: ``keyfile`` or ``key_password`` without ``certfile``.
+    """
+    if certfile is None and (keyfile is not None or key_password is not None):
+        raise ValueError("keyfile and key_password need a certfile")
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=cafile, capath=capath, cadata=cadata)
+    # Current Pythons already do this; say it anyway, so an old OpenSSL default or a
+    # distribution's patch cannot let TLS 1.0/1.1 back in.
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    if certfile is not None:
+        context.load_cert_chain(certfile, keyfile, password=key_password)
+    if not verify:
+        # check_hostname must go first: the ssl module refuses CERT_NONE while it is on.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        logger.warning("TLS certificate verification is disabled")
+    return context
+
+
+def resolve(host: str, port: int) -> List[AddrInfo]:
+    """Resolve ``host`` to TCP addresses, IPv4 and IPv6, in the resolver's preferred order.
+
+    Args:
+        host, port: a name or address literal (IPv6 without brackets: ``"::1"``); a TCP port.
+    Returns:
+        ``socket.getaddrinfo`` tuples ``(family, type, proto, canonname, sockaddr)``.
+    Raises:
+        ConnectError: the name did not resolve.
+    """
+    try:
+        # No AI_ADDRCONFIG: glibc ignores loopback when deciding whether IPv6 is "configured",
+        # so it would make "::1" unresolvable on hosts whose only IPv6 address is loopback.
+        return list(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+    except (OSError, UnicodeError) as exc:  # UnicodeError: the IDNA codec rejected the name
+        raise ConnectError("could not resolve %s: %s" % (_where(host, port), exc)) from exc
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Set ``TCP_NODELAY`` and TCP keepalive on ``sock``, skipping what the platform lacks.
+
+    Args:
+        sock: a TCP socket, connected or not.
+    """
+    # Requests are small and written in one go; Nagle's algorithm would only delay them.
+    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+               (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    # macOS spells the idle time TCP_KEEPALIVE; Linux, the BSDs and Windows 10 say TCP_KEEPIDLE.
+    idle = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))
+    for name, value in ((idle, KEEPALIVE_IDLE_S),
+                        (getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL_S),
+                        (getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_COUNT)):
+        if name is not None:
+            options.append((socket.IPPROTO_TCP, name, value))
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            # Best effort: old kernels, WSL and some sandboxes reject some of these options
+            # (ENOPROTOOPT, EINVAL), and the connection works without them.
+            logger.debug("setsockopt(%d, %d) not supported; skipped", level, option)
+
+
+def map_socket_error(exc: BaseException, *, host: str, port: int, phase: str) -> NetworkError:
+    """Translate a socket or TLS failure into the matching :class:`NetworkError`.
+
+    Args:
+        exc: the caught ``OSError`` (``ssl.SSLError``, ``socket.timeout``, ...).
+        host, port: where the connection goes, for the message.
+        phase: one of ``PHASES``: "resolve", "connect", "TLS handshake", "read", "write".
+    Returns:
+        The error, for the caller to raise ``from exc``; a ``NetworkError`` comes back unchanged.
+    Raises:
+        ValueError: ``phase`` is not one of ``PHASES``.
+    """
+    if phase not in PHASES:
+        raise ValueError("unknown phase %r" % (phase,))
+    if isinstance(exc, NetworkError):
+        return exc
+    where = _where(host, port)
+    connecting = phase in _CONNECT_PHASES
+    # Before Python 3.10 socket.timeout was only an OSError, not a TimeoutError: check both.
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        cls = ConnectTimeout if connecting else ReadTimeout
+        return cls("timed out during %s with %s" % (phase, where))
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # verify_message is OpenSSL's reason: "unable to get local issuer certificate",
+        # "Hostname mismatch, certificate is not valid for 'x'.", "certificate has expired".
+        detail = "certificate verify failed: %s" % (exc.verify_message or exc,)
+        return TLSError("%s with %s failed: %s" % (phase, where, detail))
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)):
+        # The TCP connection closed under TLS: a broken connection, not a certificate problem,
+        # so it gets the retryable error of its phase rather than the fatal TLSError.
+        if connecting:
+            return ConnectError("connection closed during %s with %s: %s" % (phase, where, exc))
+        return ReadError("connection to %s closed during %s: %s" % (where, phase, exc))
+    if isinstance(exc, ssl.SSLError):
+        # Alerts and protocol failures: wrong version, no shared cipher, a client certificate the
+        # server wanted (with TLS 1.3 that alert arrives on the first read, not in the handshake).
+        return TLSError("TLS failure during %s with %s: %s" % (phase, where, exc))
+    if phase == "resolve" or isinstance(exc, socket.gaierror):
+        return ConnectError("could not resolve %s: %s" % (where, exc))
+    if connecting:
+        return ConnectError("could not connect to %s (%s): %s" % (where, phase, exc))
+    return ReadError("connection to %s broke during %s: %s" % (where, phase, exc))
+
+
+def connect_blocking(host: str, port: int, *, ssl_context: Optional[ssl.SSLContext] = None,
+                     server_hostname: Optional[str] = None,
+                     timeout: Optional[float]) -> socket.socket:
+    """Open a blocking TCP connection, TLS-handshaken if ``ssl_context`` is given.
+
+    Args:
+        host, port: where to connect; IPv6 literals without brackets.
+        ssl_context: wrap the socket in TLS with this context (see :func:`make_ssl_context`).
+        server_hostname: the name to send (SNI) and verify; defaults to ``host``.
+        timeout: seconds for all addresses and the handshake together, or ``None`` to wait
+            forever. It then stays the socket's timeout for each read (``settimeout`` changes it).
+    Returns:
+        The connected socket (an ``ssl.SSLSocket`` with TLS); the caller closes it.
+    Raises:
+        ConnectError: the name did not resolve or no address took the connection (the last
+            error is chained).
+        ConnectTimeout: connecting or the handshake did not finish within ``timeout``.
+        TLSError: the handshake failed, e.g. an untrusted certificate or the wrong host name.
+        ValueError: ``timeout`` is not positive.
+    """
+    if timeout is not None and timeout <= 0:
+        raise ValueError("timeout must be positive or None, not %r" % (timeout,))
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def remaining() -> Optional[float]:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise socket.timeout("timed out")
+        return left
+
+    last_exc: BaseException = OSError("no address to connect to")
+    sock: Optional[socket.socket] = None
+    for family, type_, proto, _, sockaddr in resolve(host, port):
+        try:
+            sock = socket.socket(family, type_, proto)
+            tune_socket(sock)
+            sock.settimeout(remaining())
+            sock.connect(sockaddr)
+            break
+        except OSError as exc:  # also EAFNOSUPPORT: an IPv6 address on a host without IPv6
+            logger.debug("connect to %s via %r failed: %s", _where(host, port), sockaddr, exc)
+            last_exc = exc
+            if sock is not None:
+                sock.close()
+                sock = None
+            if isinstance(exc, socket.timeout):
+                break  # the deadline covers all addresses, so none is left for the next one
+    if sock is None:
+        raise map_socket_error(last_exc, host=host, port=port, phase="connect") from last_exc
+    if ssl_context is not None:
+        try:
+            sock.settimeout(remaining())
+            # wrap_socket detaches the plain socket object: from here on, sock owns the fd.
+            sock = ssl_context.wrap_socket(
+                sock, server_hostname=server_hostname or host, do_handshake_on_connect=False)
+            # The ssl module gives the whole handshake one deadline, not each record a timeout.
+            sock.do_handshake()
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, OSError):
+                err = map_socket_error(exc, host=host, port=port, phase="TLS handshake")
+                raise err from exc
+            raise
+    sock.settimeout(timeout)
+    return sock
+
+
+class NonBlockingConnection:
+    """One non-blocking TCP (optionally TLS) connection, driven by a selectors loop.
+
+    Call :meth:`start`, then :meth:`advance` each time the socket shows the readiness the last
+    call returned, until ``Want.DONE``; the caller owns the connect timer and, when it fires,
+    raises :meth:`connect_timeout_error` and closes. Register ``fileno()`` (the int) and compare
+    it after every ``start``/``advance``: when an address fails and the next one is tried, a new
+    socket is opened *before* the old one is closed, so the number always changes; unregister the
+    old number, register the new one. If ``start``/``advance`` raise, the connection is closed.
+    After ``Want.DONE``, :meth:`recv` and :meth:`send` never block. Not thread-safe.
+    """
+
+    def __init__(self, host: str, port: int, *, ssl_context: Optional[ssl.SSLContext] = None,
+                 server_hostname: Optional[str] = None) -> None:
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname or host
+        self.sock: Optional[socket.socket] = None
+        self.state = "new"  # then resolving, connecting, handshaking, open; closed at any point
+        #: Set by recv() when TLS must write before it can read: wait for writable, then recv().
+        self.wants_write = False
+        self._tls: Optional[ssl.SSLSocket] = None
+        self._addrs: List[AddrInfo] = []
+        self._last_exc: Optional[BaseException] = None
+
+    def __repr__(self) -> str:
+        return "<%s %s %s %s fd=%d>" % (
+            type(self).__name__, _where(self.host, self.port),
+            "plain" if self.ssl_context is None else "tls", self.state, self.fileno())
+
+    def __enter__(self) -> "NonBlockingConnection":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once :meth:`close` ran or connecting failed."""
+        return self.state == "closed"
+
+    def fileno(self) -> int:
+        """Return the socket's descriptor, or -1 before :meth:`start` and after :meth:`close`."""
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def start(self) -> Want:
+        """Resolve the host and start connecting to its first address.
+
+        ``getaddrinfo`` blocks (the stdlib has no non-blocking resolver); it is instant for
+        address literals and usually quick with a local cache.
+
+        Returns:
+            The readiness to wait for before calling :meth:`advance` (usually ``Want.WRITE``).
+        Raises:
+            ConnectError: the name did not resolve, or every address failed at once.
+            RuntimeError: already started.
+        """
+        if self.state != "new":
+            raise RuntimeError("cannot start %r: start() runs once" % (self,))
+        self.state = "resolving"
+        try:
+            self._addrs = resolve(self.host, self.port)
+        except ConnectError:
+            self.close()
+            raise
+        self.state = "connecting"
+        return self._connect_next()
+
+    def advance(self) -> Want:
+        """Make progress after the readiness the last call asked for.
+
+        Returns:
+            ``Want.READ`` or ``Want.WRITE`` to wait for, or ``Want.DONE`` once open.
+        Raises:
+            ConnectError: every address failed (the last error is chained).
+            TLSError: the handshake failed: untrusted certificate, wrong host name, an alert.
+            RuntimeError: :meth:`start` was not called, or the connection is closed.
+        """
+        if self.state == "connecting":
+            assert self.sock is not None
+            # Windows reports a failed connect in select()'s exception set, not as writable;
+            # selectors.SelectSelector folds that set into EVENT_WRITE, so WRITE covers both.
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                # OSError(errno, ...) builds the matching subclass, e.g. ConnectionRefusedError.
+                self._last_exc = OSError(err, os.strerror(err))
+                return self._connect_next()
+            try:
+                self.sock.getpeername()
+            except OSError:  # called before the connect finished (a spurious wake-up): wait on
+                return Want.WRITE
+            return self._connected()
+        if self.state == "handshaking":
+            return self._handshake()
+        if self.state == "open":
+            return Want.DONE
+        raise RuntimeError("cannot advance %r" % (self,))
+
+    def connect_timeout_error(self) -> ConnectTimeout:
+        """Return a :class:`ConnectTimeout` naming the current phase, for the caller to raise."""
+        phase = "TLS handshake" if self.state == "handshaking" else "connect"
+        where = _where(self.host, self.port)
+        return ConnectTimeout("timed out during %s with %s" % (phase, where))
+
+    def _connect_next(self) -> Want:
+        while self._addrs:
+            family, type_, proto, _, sockaddr = self._addrs.pop(0)
+            try:
+                new = socket.socket(family, type_, proto)
+            except OSError as exc:  # e.g. EAFNOSUPPORT: an IPv6 address on a host without IPv6
+                self._last_exc = exc
+                continue
+            old, self.sock = self.sock, new  # see the class docstring: close the old one after
+            if old is not None:
+                old.close()
+            new.setblocking(False)
+            tune_socket(new)
+            try:
+                new.connect(sockaddr)
+            except (BlockingIOError, InterruptedError):
+                # EINPROGRESS (Windows' WSAEWOULDBLOCK maps to BlockingIOError too): the usual
+                # case. After EINTR the connect also carries on in the background (PEP 475).
+                return Want.WRITE
+            except OSError as exc:
+                logger.debug("connect to %r failed at once: %s", sockaddr, exc)
+                self._last_exc = exc
+                continue
+            return self._connected()  # immediate success happens on loopback
+        last = self._last_exc or OSError("no address to connect to")
+        self.close()
+        raise map_socket_error(last, host=self.host, port=self.port, phase="connect") from last
+
+    def _connected(self) -> Want:
+        logger.debug("connected to %s", _where(self.host, self.port))
+        self._addrs = []
+        if self.ssl_context is None:
+            self.state = "open"
+            return Want.DONE
+        self.state = "handshaking"
+        return self._handshake()
+
+    def _handshake(self) -> Want:
+        assert self.sock is not None and self.ssl_context is not None
+        try:
+            if self._tls is None:
+                # Same descriptor: wrap_socket detaches the plain socket object and takes its fd.
+                self.sock = self._tls = self.ssl_context.wrap_socket(
+                    self.sock, server_hostname=self.server_hostname, do_handshake_on_connect=False)
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return Want.READ
+        except ssl.SSLWantWriteError:
+            return Want.WRITE
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, OSError):
+                err = map_socket_error(exc, host=self.host, port=self.port, phase="TLS handshake")
+                raise err from exc
+            raise
+        self.state = "open"
+        logger.debug("TLS with %s: %s", _where(self.host, self.port), self._tls.version())
+        return Want.DONE
+
+    def pending(self) -> int:
+        """Return how many decrypted bytes wait inside the TLS object (always 0 without TLS).
+
+        ``select()`` cannot see these bytes: while this is non-zero, call :meth:`recv` again
+        instead of waiting for readiness, or the connection stalls with data in hand.
+        """
+        return self._tls.pending() if self._tls is not None and self.state == "open" else 0
+
+    def recv(self, max_bytes: int) -> Optional[bytes]:
+        """Read what is available now, up to ``max_bytes``.
+
+        With TLS one call also drains the current record's :meth:`pending` bytes, up to
+        ``max_bytes``; when ``max_bytes`` cuts a record short, ``pending()`` stays non-zero and
+        the caller must call ``recv`` again before sleeping in ``select()``.
+
+        Args:
+            max_bytes: the most bytes to return; positive.
+        Returns:
+            The bytes; ``b""`` at end of stream (also a TLS EOF without close_notify); ``None``
+            if nothing is available yet; then see :attr:`wants_write` for which readiness to await.
+        Raises:
+            ReadError: the connection was reset or aborted.
+            TLSError: a TLS alert or a corrupt record arrived.
+            RuntimeError: the connection is not open.
+        """
+        if self.state != "open" or self.sock is None:
+            raise RuntimeError("cannot recv on %r" % (self,))
+        self.wants_write = False
+        try:
+            data = self.sock.recv(max_bytes)
+            if self._tls is not None and data:
+                # Pending bytes are decrypted already: reading them never touches the socket,
+                # so nothing here can fail and lose the chunks collected so far.
+                chunks = [data]
+                size = len(data)
+                while size < max_bytes and self._tls.pending():
+                    chunks.append(self._tls.recv(max_bytes - size))
+                    size += len(chunks[-1])
+                data = b"".join(chunks)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return None
+        except ssl.SSLWantWriteError:
+            self.wants_write = True
+            return None
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            # EOF without close_notify ("ragged") counts as end of stream, like close_notify:
+            # servers and proxies often close that way, and the HTTP parser above knows from
+            # the framing whether the message was complete. CPython 3.10+ with OpenSSL 3 also
+            # reports a TCP reset under TLS as SSLEOFError (the errno is lost), so over TLS a
+            # reset reads as EOF too.
+            return b""
+        except OSError as exc:
+            err = map_socket_error(exc, host=self.host, port=self.port, phase="read")
+            raise err from exc
+        return data
+
+    def send(self, data: Union[bytes, bytearray, memoryview]) -> int:
+        """Write as much of ``data`` as fits now.
+
+        With TLS one call writes at most ``MAX_TLS_WRITE_BYTES``; after a 0, call again with the
+        same unsent bytes (OpenSSL insists on an identical retry).
+
+        Args:
+            data: the bytes to write.
+        Returns:
+            How many bytes were written; 0 if the socket would block: wait for writable (TLS may
+            instead need a read, which a feed consumer's standing read interest provides).
+        Raises:
+            ReadError: the connection was reset or the pipe broke; either way it is broken.
+            TLSError: the TLS session failed.
+            RuntimeError: the connection is not open.
+        """
+        if self.state != "open" or self.sock is None:
+            raise RuntimeError("cannot send on %r" % (self,))
+        try:
+            return self.sock.send(data[:MAX_TLS_WRITE_BYTES] if self._tls is not None else data)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0
+        except OSError as exc:
+            err = map_socket_error(exc, host=self.host, port=self.port, phase="write")
+            raise err from exc
+
+    def close(self) -> None:
+        """Close the socket; calling it again does nothing.
+
+        No TLS close_notify exchange: it could block or fail on a broken connection, and HTTP
+        framing, not the TLS shutdown, tells the peer the request was complete.
+        """
+        self.state = "closed"
+        self._addrs = []
+        sock, self.sock, self._tls = self.sock, None, None
+        if sock is not None:
+            sock.close()
