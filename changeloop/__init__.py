@@ -4,6 +4,7 @@ One thread, many databases, no dependencies. See the README for the tour.
 """
 
 from ._version import __version__
+from .client import Database, Server
 from .errors import (
     BadRequest,
     CallbackError,
@@ -26,9 +27,13 @@ from .errors import (
     TLSError,
     Unauthorized,
 )
+from .loop import Loop
 
 __all__ = [
     "__version__",
+    "Server",
+    "Database",
+    "Loop",
     "BadRequest",
     "CallbackError",
     "ChangeloopError",
