@@ -5,6 +5,7 @@ One thread, many databases, no dependencies. See the README for the tour.
 
 from ._version import __version__
 from .client import Database, Server
+from .consumer import Consumer, FeedEvent
 from .errors import (
     BadRequest,
     CallbackError,
@@ -34,6 +35,8 @@ __all__ = [
     "Server",
     "Database",
     "Loop",
+    "Consumer",
+    "FeedEvent",
     "BadRequest",
     "CallbackError",
     "ChangeloopError",

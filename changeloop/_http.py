@@ -195,10 +195,6 @@ class ResponseParser:
 # -- head parsing -----------------------------------------------------------------------------
 
 
-
-
-
-
 def _parse_head(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
     lines = split_lines(head)
     if not lines or not lines[0]:
@@ -228,10 +224,6 @@ def _parse_status_line(line: bytes) -> Tuple[bytes, int, bytes]:
     if parts[0][5:6] != b"1":
         raise ProtocolError("unsupported HTTP version %r" % parts[0].decode("ascii", "replace"))
     return parts[0][5:], int(parts[1]), reason
-
-
-
-
 
 
 def _keep_alive(version: bytes, headers: Headers) -> bool:

@@ -315,7 +315,6 @@ def pick_reader(
     return _UntilCloseReader(), False  # the body ends when the connection does
 
 
-
 def excerpt(data: bytes, limit: int = 60) -> str:
     text = data[:limit].decode("latin-1")
     return text + ("..." if len(data) > limit else "")

@@ -20,8 +20,15 @@ from typing import Any, List, Optional, Tuple, Union
 
 from .errors import ConnectError, ConnectTimeout, NetworkError, ReadError, ReadTimeout, TLSError
 
-__all__ = ["Want", "NonBlockingConnection", "make_ssl_context", "resolve", "tune_socket",
-           "connect_blocking", "map_socket_error"]
+__all__ = [
+    "Want",
+    "NonBlockingConnection",
+    "make_ssl_context",
+    "resolve",
+    "tune_socket",
+    "connect_blocking",
+    "map_socket_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +64,16 @@ def _where(host: str, port: int) -> str:
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
-def make_ssl_context(*, cafile: Optional[str] = None, capath: Optional[str] = None,
-                     cadata: Optional[Union[str, bytes]] = None, certfile: Optional[str] = None,
-                     keyfile: Optional[str] = None, key_password: Optional[str] = None,
-                     verify: bool = True) -> ssl.SSLContext:
+def make_ssl_context(
+    *,
+    cafile: Optional[str] = None,
+    capath: Optional[str] = None,
+    cadata: Optional[Union[str, bytes]] = None,
+    certfile: Optional[str] = None,
+    keyfile: Optional[str] = None,
+    key_password: Optional[str] = None,
+    verify: bool = True,
+) -> ssl.SSLContext:
     """Build a client TLS context: certificate verified, host name checked, TLS 1.2 or newer.
 
     Args:
@@ -77,7 +90,8 @@ def make_ssl_context(*, cafile: Optional[str] = None, capath: Optional[str] = No
     if certfile is None and (keyfile is not None or key_password is not None):
         raise ValueError("keyfile and key_password need a certfile")
     context = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=cafile, capath=capath, cadata=cadata)
+        ssl.Purpose.SERVER_AUTH, cafile=cafile, capath=capath, cadata=cadata
+    )
     # Current Pythons already do this; say it anyway, so an old OpenSSL default or a
     # distribution's patch cannot let TLS 1.0/1.1 back in.
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -118,13 +132,17 @@ def tune_socket(sock: socket.socket) -> None:
         sock: a TCP socket, connected or not.
     """
     # Requests are small and written in one go; Nagle's algorithm would only delay them.
-    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
-               (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    options = [
+        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    ]
     # macOS spells the idle time TCP_KEEPALIVE; Linux, the BSDs and Windows 10 say TCP_KEEPIDLE.
     idle = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))
-    for name, value in ((idle, KEEPALIVE_IDLE_S),
-                        (getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL_S),
-                        (getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_COUNT)):
+    for name, value in (
+        (idle, KEEPALIVE_IDLE_S),
+        (getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL_S),
+        (getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_COUNT),
+    ):
         if name is not None:
             options.append((socket.IPPROTO_TCP, name, value))
     for level, option, value in options:
@@ -180,9 +198,14 @@ def map_socket_error(exc: BaseException, *, host: str, port: int, phase: str) ->
     return ReadError("connection to %s broke during %s: %s" % (where, phase, exc))
 
 
-def connect_blocking(host: str, port: int, *, ssl_context: Optional[ssl.SSLContext] = None,
-                     server_hostname: Optional[str] = None,
-                     timeout: Optional[float]) -> socket.socket:
+def connect_blocking(
+    host: str,
+    port: int,
+    *,
+    ssl_context: Optional[ssl.SSLContext] = None,
+    server_hostname: Optional[str] = None,
+    timeout: Optional[float],
+) -> socket.socket:
     """Open a blocking TCP connection, TLS-handshaken if ``ssl_context`` is given.
 
     Args:
@@ -234,7 +257,8 @@ def connect_blocking(host: str, port: int, *, ssl_context: Optional[ssl.SSLConte
             sock.settimeout(remaining())
             # wrap_socket detaches the plain socket object: from here on, sock owns the fd.
             sock = ssl_context.wrap_socket(
-                sock, server_hostname=server_hostname or host, do_handshake_on_connect=False)
+                sock, server_hostname=server_hostname or host, do_handshake_on_connect=False
+            )
             # The ssl module gives the whole handshake one deadline, not each record a timeout.
             sock.do_handshake()
         except BaseException as exc:
@@ -259,8 +283,14 @@ class NonBlockingConnection:
     After ``Want.DONE``, :meth:`recv` and :meth:`send` never block. Not thread-safe.
     """
 
-    def __init__(self, host: str, port: int, *, ssl_context: Optional[ssl.SSLContext] = None,
-                 server_hostname: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        server_hostname: Optional[str] = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
@@ -275,8 +305,12 @@ class NonBlockingConnection:
 
     def __repr__(self) -> str:
         return "<%s %s %s %s fd=%d>" % (
-            type(self).__name__, _where(self.host, self.port),
-            "plain" if self.ssl_context is None else "tls", self.state, self.fileno())
+            type(self).__name__,
+            _where(self.host, self.port),
+            "plain" if self.ssl_context is None else "tls",
+            self.state,
+            self.fileno(),
+        )
 
     def __enter__(self) -> "NonBlockingConnection":
         return self
@@ -395,7 +429,8 @@ class NonBlockingConnection:
             if self._tls is None:
                 # Same descriptor: wrap_socket detaches the plain socket object and takes its fd.
                 self.sock = self._tls = self.ssl_context.wrap_socket(
-                    self.sock, server_hostname=self.server_hostname, do_handshake_on_connect=False)
+                    self.sock, server_hostname=self.server_hostname, do_handshake_on_connect=False
+                )
             self._tls.do_handshake()
         except ssl.SSLWantReadError:
             return Want.READ

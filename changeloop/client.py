@@ -24,7 +24,13 @@ from ._events import NEED_DATA, ConnectionClosed, Data, EndOfMessage, Response
 from ._http import ResponseParser
 from ._request import basic_auth_value, serialize_request
 from ._version import __version__
-from .errors import HTTPError, NetworkError, ProtocolError, ReadError, http_error_for
+from .errors import (
+    HTTPError,
+    NetworkError,
+    ProtocolError,
+    ReadError,
+    http_error_from_body,
+)
 
 __all__ = ["Server", "Database", "encode_query", "DEFAULT_URL", "DEFAULT_TIMEOUT_S"]
 
@@ -340,7 +346,7 @@ class Server:
             extra.append(("Content-Type", "application/json"))
         head, data = self._send(method, target, extra, body, seconds, retry_auth=self._session)
         if head.status_code >= 400 and raise_for_status and method != "HEAD":
-            raise _http_error(head.status_code, data, method, self.url + path)
+            raise http_error_from_body(head.status_code, data, method=method, url=self.url + path)
         return head.status_code, head, data
 
     def _send(
@@ -439,7 +445,9 @@ class Server:
         )
         head, data = self._exchange("POST", request, self.timeout)
         if head.status_code >= 400:
-            raise _http_error(head.status_code, data, "POST", self.url + "/_session")
+            raise http_error_from_body(
+                head.status_code, data, method="POST", url=self.url + "/_session"
+            )
         for key, value in head.headers:
             if key == b"set-cookie" and value.startswith(b"AuthSession="):
                 self._cookie = value.split(b";", 1)[0].decode("latin-1")
@@ -525,20 +533,3 @@ def _decode_json(data: bytes, method: str, url: str) -> Json:
         return json.loads(data)
     except ValueError as exc:
         raise ProtocolError("%s %s: the answer is not JSON: %r" % (method, url, data[:80])) from exc
-
-
-def _http_error(status: int, data: bytes, method: str, url: str) -> HTTPError:
-    error = reason = None
-    try:
-        document = json.loads(data)
-    except ValueError:
-        document = None
-    if isinstance(document, dict):
-        error = document.get("error")
-        reason = document.get("reason")
-        error = str(error) if error is not None else None
-        reason = str(reason) if reason is not None else None
-    elif data:
-        reason = data[:200].decode("utf-8", "replace").strip()
-    return http_error_for(status, error, reason, method=method, url=url)
-

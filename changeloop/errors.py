@@ -5,6 +5,7 @@ that understands them and always chained (``raise ... from exc``), so the origin
 Misuse of the API raises ``ValueError``, ``TypeError`` or ``RuntimeError``, never these.
 """
 
+import json
 from typing import Any, Dict, Optional
 
 __all__ = [
@@ -184,6 +185,25 @@ def http_error_for(
     if cls is None:
         cls = ServerError if status >= 500 else HTTPError
     return cls(status, error, reason, method=method, url=url)
+
+
+def http_error_from_body(status: int, body: bytes, *, method: str = "", url: str = "") -> HTTPError:
+    """Build the :class:`HTTPError` for an error response, reading CouchDB's JSON error body.
+
+    A body that is not CouchDB's ``{"error": .., "reason": ..}`` (a proxy's HTML page, say)
+    becomes the ``reason``, shortened.
+    """
+    error = reason = None
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if isinstance(document, dict):
+        error = None if document.get("error") is None else str(document["error"])
+        reason = None if document.get("reason") is None else str(document["reason"])
+    elif body:
+        reason = body[:200].decode("utf-8", "replace").strip()
+    return http_error_for(status, error, reason, method=method, url=url)
 
 
 # -- your code failed ------------------------------------------------------------------------

@@ -171,6 +171,7 @@ class Loop:
         self._state_lock = threading.Lock()
         self._running = False
         self._stopping = False
+        self._owner: Optional[int] = None  # the thread id inside a run method, while it runs
         self._closed = False
         # A socketpair, not a pipe: it exists on Windows too, where select() takes sockets only.
         # Its read end sits in the selector, so the selector's own fd wakes on it as well.
@@ -342,9 +343,11 @@ class Loop:
             RuntimeError: the loop is closed, or already running (in any thread).
         """
         self._claim()
+        self._owner = threading.get_ident()
         try:
             self._pass(timeout)
         finally:
+            self._owner = None
             self._running = False
 
     def run_in_thread(self, name: str = "changeloop") -> threading.Thread:
@@ -407,6 +410,14 @@ class Loop:
         """Return whether a run method is in progress. Thread-safe."""
         return self._running
 
+    def in_loop_thread(self) -> bool:
+        """Return whether the caller is inside one of this loop's run methods. Thread-safe.
+
+        Code that may be called from anywhere uses this to choose between acting at once and
+        going through :meth:`call_soon_threadsafe`.
+        """
+        return self._owner == threading.get_ident()
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called. Thread-safe."""
@@ -464,10 +475,12 @@ class Loop:
             self._running = True
 
     def _run_claimed(self, forever: bool) -> None:
+        self._owner = threading.get_ident()
         try:
             while not self._stopping and (forever or self._has_work()):
                 self._pass(None)
         finally:
+            self._owner = None
             self._stopping = False
             self._running = False
 

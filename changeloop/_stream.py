@@ -1,0 +1,211 @@
+"""One streaming ``_changes`` request on a non-blocking connection: readiness in, rows out.
+
+A :class:`FeedStream` connects (TCP, then TLS), writes its request, and turns what it reads into
+feed rows with the HTTP parser and the line decoder. It is driven by whoever owns the event loop
+(the consumer): that caller asks :meth:`FeedStream.want` which readiness to wait for, calls
+:meth:`FeedStream.on_ready` when it comes, and gets the decoded rows back as a return value. The
+stream itself knows no loop, no timers and no user callbacks; failures are raised as typed errors.
+"""
+
+from typing import Any, Dict, List, Optional
+
+from . import _transport
+from ._events import NEED_DATA, ConnectionClosed, Data, EndOfMessage, Response
+from ._feed import LastSeq, LineDecoder
+from ._http import ResponseParser
+from ._transport import NonBlockingConnection, Want
+from .errors import HTTPError, ReadError, http_error_from_body
+
+__all__ = ["FeedStream", "RECV_BYTES", "MAX_RECVS_PER_READ"]
+
+#: Bytes asked of one ``recv``: big enough that a catching-up feed needs few system calls.
+RECV_BYTES = 256 * 1024
+#: ``recv`` calls per readiness event before yielding to other feeds on the loop (fairness):
+#: a feed that is catching up cannot hold the loop for more than this many buffers.
+MAX_RECVS_PER_READ = 8
+#: The most bytes of an error response body kept, for the error's ``reason``.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+
+Row = Dict[str, Any]
+
+_CONNECTING, _SENDING, _RECEIVING, _ENDED, _CLOSED = (
+    "connecting",
+    "sending",
+    "receiving",
+    "ended",
+    "closed",
+)
+
+
+class FeedStream:
+    """Connect, send one request, and decode the continuous feed that answers it.
+
+    Args:
+        connection: a connection not yet started.
+        request: the serialized request bytes.
+        url: the request's URL without credentials, for error messages.
+        max_line_bytes: passed to the line decoder.
+    """
+
+    def __init__(
+        self,
+        connection: NonBlockingConnection,
+        request: bytes,
+        url: str,
+        *,
+        max_line_bytes: int,
+        method: str = "GET",
+    ) -> None:
+        self.connection = connection
+        self.url = url
+        self._request = memoryview(request)
+        self._method = method
+        self._parser = ResponseParser(method)
+        self.decoder = LineDecoder(max_line_bytes)
+        self.state = _CONNECTING
+        self._want = Want.WRITE
+        #: The response head, once it arrived.
+        self.response: Optional[Response] = None
+        #: Bytes received so far, framing included.
+        self.bytes_received = 0
+        self._error_status = 0
+        self._error_body: List[bytes] = []
+
+    def __repr__(self) -> str:
+        return "<FeedStream %s %s received=%d rows=%d>" % (
+            self.state,
+            self.url,
+            self.bytes_received,
+            self.decoder.rows,
+        )
+
+    @property
+    def ended(self) -> bool:
+        """Whether the response ended cleanly (the last chunk arrived)."""
+        return self.state == _ENDED
+
+    @property
+    def last_seq(self) -> Optional[LastSeq]:
+        """The ``last_seq`` line, if the server ended the feed with one."""
+        return self.decoder.last_seq
+
+    def fileno(self) -> int:
+        return self.connection.fileno()
+
+    def want(self) -> Want:
+        """The readiness to wait for next: ``READ``, ``WRITE``, or ``DONE`` once ended/closed."""
+        if self.state in (_ENDED, _CLOSED):
+            return Want.DONE
+        return self._want
+
+    def start(self) -> Want:
+        """Begin connecting; return the readiness to wait for.
+
+        Raises:
+            ConnectError: the name did not resolve or the connection failed at once.
+        """
+        self._want = self.connection.start()
+        if self._want is Want.DONE:
+            self._begin_sending()
+        return self.want()
+
+    def connect_timeout_error(self) -> Exception:
+        """The error to raise when the caller's connect timer fires first."""
+        return self.connection.connect_timeout_error()
+
+    def on_ready(self) -> List[Row]:
+        """Make progress on readiness; return the rows decoded (often none).
+
+        Raises:
+            NetworkError: connecting, TLS or the connection failed.
+            ProtocolError: the response is not valid HTTP/1.1.
+            FeedError: the feed body is malformed (or a line is too long).
+            HTTPError: the server answered with an error status.
+        """
+        if self.state == _CONNECTING:
+            self._want = self.connection.advance()
+            if self._want is Want.DONE:
+                self._begin_sending()
+            return []
+        if self.state == _SENDING:
+            self._send()
+            return []
+        if self.state == _RECEIVING:
+            return self._receive()
+        return []
+
+    def has_buffered_bytes(self) -> bool:
+        """Whether TLS holds decrypted bytes that ``select()`` will not report: read again."""
+        return self.state == _RECEIVING and self.connection.pending() > 0
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        self.connection.close()
+        if self.state != _ENDED:
+            self.state = _CLOSED
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _begin_sending(self) -> None:
+        self.state = _SENDING
+        self._want = Want.WRITE
+        self._send()
+
+    def _send(self) -> None:
+        try:
+            sent = self.connection.send(self._request)
+        except OSError as exc:  # pragma: no cover - the transport maps its own errors
+            raise _transport.map_socket_error(
+                exc, host=self.connection.host, port=self.connection.port, phase="write"
+            ) from exc
+        self._request = self._request[sent:]
+        if not self._request:
+            self.state = _RECEIVING
+            self._want = Want.READ
+        elif self.connection.wants_write:
+            self._want = Want.WRITE
+
+    def _receive(self) -> List[Row]:
+        rows: List[Row] = []
+        connection = self.connection
+        for _ in range(MAX_RECVS_PER_READ):
+            data = connection.recv(RECV_BYTES)
+            if data is None:
+                break
+            self.bytes_received += len(data)
+            self._parser.receive_data(data)
+            self._process(rows)
+            if not data or self.state == _ENDED:
+                break
+        return rows
+
+    def _process(self, rows: List[Row]) -> None:
+        parser = self._parser
+        while True:
+            event = parser.next_event()
+            if event is NEED_DATA:
+                return
+            if type(event) is Data:
+                if self._error_status:
+                    if sum(map(len, self._error_body)) < MAX_ERROR_BODY_BYTES:
+                        self._error_body.append(event.data)
+                else:
+                    rows.extend(self.decoder.feed(event.data))
+            elif isinstance(event, Response):
+                self.response = event
+                if event.status_code != 200:
+                    self._error_status = event.status_code
+            elif isinstance(event, EndOfMessage):
+                self.state = _ENDED
+                if self._error_status:
+                    raise self._http_error()
+                self.decoder.close()
+                return
+            elif isinstance(event, ConnectionClosed):
+                raise ReadError("%s closed the connection before answering" % self.url)
+            else:  # PAUSED: bytes after the end of the message; nothing more to read
+                return
+
+    def _http_error(self) -> HTTPError:
+        body = b"".join(self._error_body)
+        return http_error_from_body(self._error_status, body, method=self._method, url=self.url)

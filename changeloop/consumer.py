@@ -1,0 +1,735 @@
+"""``Consumer``: follow a database's ``_changes`` feed, the couchdbkit way, losing no change.
+
+``fetch`` (feed=normal) and ``wait_once`` (feed=longpoll) are one-shot requests on the blocking
+client. ``start`` attaches a continuous feed to a :class:`~changeloop.loop.Loop`, where many
+consumers share one thread; ``wait`` is ``start`` plus running the loop until this consumer stops;
+``changes`` is the same as an iterator.
+
+A continuous consumer is the loop's handler for its socket. On readiness it asks its
+:class:`~changeloop._stream.FeedStream` for rows (a return value) and hands them to the callbacks,
+in :meth:`Consumer._deliver`, the one place user code runs. Any network, protocol or feed failure,
+an EOF without ``last_seq``, a 429 or a 5xx closes the stream and reconnects after a full-jitter
+exponential backoff, resuming after the last change *delivered*; 400/401/403/404 and TLS failures
+are fatal. A heartbeat watchdog declares a silent connection dead. A ``checkpoint`` store saves the
+last delivered seq (throttled, and on stop), so a restarted consumer resumes there: delivery is
+at-least-once.
+"""
+
+import collections
+import logging
+import random
+import time
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
+
+from ._events import Response
+from ._feed import MAX_LINE_BYTES, decode_document
+from ._params import DEFAULT_HEARTBEAT_MS, changes_request, heartbeat_seconds
+from ._request import serialize_request
+from ._stream import FeedStream
+from ._transport import NonBlockingConnection, Want
+from .client import Database, encode_query
+from .errors import (
+    CallbackError,
+    ChangeloopError,
+    HTTPError,
+    LineTooLongError,
+    ReadTimeout,
+    TLSError,
+)
+from .loop import Loop, TimerHandle
+
+__all__ = ["Consumer", "FeedEvent", "Change", "Callback"]
+
+logger = logging.getLogger(__name__)
+
+Change = Dict[str, Any]
+Callback = Callable[[Change], Any]
+
+#: Backoff before reconnecting: a random delay in [0, min(cap, base * 2**attempt)] seconds.
+RECONNECT_BASE_S = 0.1
+RECONNECT_CAP_S = 60.0
+#: A connection that stayed up this long resets the backoff to its base.
+HEALTHY_AFTER_S = 30.0
+#: Silence, in heartbeats, after which a connection is declared dead: one lost heartbeat is
+#: normal jitter, three in a row is a dead peer or a half-open connection.
+WATCHDOG_HEARTBEATS = 3.0
+#: How long the first byte may take: some servers send nothing (not even headers) until the
+#: first change or heartbeat, and a busy CouchDB may take a while to open the feed.
+FIRST_BYTE_TIMEOUT_S = 120.0
+#: Seconds to connect (TCP and TLS).
+CONNECT_TIMEOUT_S = 30.0
+#: Checkpoint after this many changes or this many seconds, whichever comes first.
+CHECKPOINT_EVERY_CHANGES = 100
+CHECKPOINT_EVERY_S = 5.0
+#: Statuses after which retrying is pointless: the request itself is wrong or not allowed.
+FATAL_STATUSES = frozenset([400, 401, 403, 404, 405, 406, 409, 412, 413, 415])
+
+_IDLE, _CONNECTING, _STREAMING, _BACKOFF, _STOPPED = (
+    "idle",
+    "connecting",
+    "streaming",
+    "backoff",
+    "stopped",
+)
+
+
+class FeedEvent:
+    """What a lifecycle callback receives: one object, so fields can be added later.
+
+    Attributes:
+        consumer: the consumer it happened to.
+        kind: ``"connect"``, ``"disconnect"``, ``"error"`` or ``"caught_up"``.
+        error: the exception, for ``error`` (and ``disconnect`` after a failure).
+        will_retry: for ``error``: whether the consumer reconnects after ``retry_in`` seconds.
+        retry_in: seconds until the reconnection, or ``None``.
+        seq: the last delivered seq at the time.
+        pending: for ``caught_up``, the server's ``pending`` count when it sent one.
+    """
+
+    __slots__ = ("consumer", "kind", "error", "will_retry", "retry_in", "seq", "pending")
+
+    def __init__(
+        self,
+        consumer: "Consumer",
+        kind: str,
+        *,
+        error: Optional[BaseException] = None,
+        will_retry: bool = False,
+        retry_in: Optional[float] = None,
+        pending: Optional[int] = None,
+    ) -> None:
+        self.consumer = consumer
+        self.kind = kind
+        self.error = error
+        self.will_retry = will_retry
+        self.retry_in = retry_in
+        self.seq = consumer.last_seq
+        self.pending = pending
+
+    def __repr__(self) -> str:
+        extra = ""
+        if self.error is not None:
+            extra += " error=%r will_retry=%s" % (self.error, self.will_retry)
+        return "<FeedEvent %s %s seq=%r%s>" % (self.kind, self.consumer.db.name, self.seq, extra)
+
+
+class Consumer:
+    """Follow the changes of one database.
+
+    Args:
+        db: the database to follow.
+        loop: the loop continuous feeds run on; by default a private one, created on first use.
+        checkpoint: a store with ``load() -> seq or None`` and ``save(seq)`` (see
+            :mod:`changeloop.checkpoint`): where to resume from, and where the last delivered seq
+            is saved (every ``checkpoint_every`` changes or ``checkpoint_interval`` seconds, and
+            on stop). A stored seq takes precedence over ``since``.
+        on_error, on_connect, on_disconnect, on_caught_up: lifecycle callbacks, each called with
+            a :class:`FeedEvent`.
+        callback_errors: what a callback that raises does: ``"stop"`` (the default: stop this
+            consumer without moving past that change, so it is delivered again next time) or
+            ``"skip"`` (report it through ``on_error`` and go on with the next change).
+        reconnect_base, reconnect_cap: the backoff range in seconds.
+        healthy_after: seconds a connection must stay up to reset the backoff.
+        watchdog_heartbeats: heartbeats of silence that declare a connection dead.
+        first_byte_timeout: seconds the first byte of a feed may take.
+        connect_timeout: seconds to connect (TCP and TLS).
+        max_line_bytes: the longest feed line accepted.
+        rng: the random source of the backoff jitter (for tests).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        loop: Optional[Loop] = None,
+        *,
+        checkpoint: Any = None,
+        on_error: Optional[Callable[[FeedEvent], Any]] = None,
+        on_connect: Optional[Callable[[FeedEvent], Any]] = None,
+        on_disconnect: Optional[Callable[[FeedEvent], Any]] = None,
+        on_caught_up: Optional[Callable[[FeedEvent], Any]] = None,
+        callback_errors: str = "stop",
+        reconnect_base: float = RECONNECT_BASE_S,
+        reconnect_cap: float = RECONNECT_CAP_S,
+        healthy_after: float = HEALTHY_AFTER_S,
+        watchdog_heartbeats: float = WATCHDOG_HEARTBEATS,
+        first_byte_timeout: float = FIRST_BYTE_TIMEOUT_S,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        checkpoint_every: int = CHECKPOINT_EVERY_CHANGES,
+        checkpoint_interval: float = CHECKPOINT_EVERY_S,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        if callback_errors not in ("stop", "skip"):
+            raise ValueError("callback_errors must be 'stop' or 'skip'")
+        self.db = db
+        self._loop = loop
+        self._own_loop = loop is None
+        self.checkpoint = checkpoint
+        self.on_error = on_error
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.on_caught_up = on_caught_up
+        self.callback_errors = callback_errors
+        self.reconnect_base = reconnect_base
+        self.reconnect_cap = reconnect_cap
+        self.healthy_after = healthy_after
+        self.watchdog_heartbeats = watchdog_heartbeats
+        self.first_byte_timeout = first_byte_timeout
+        self.connect_timeout = connect_timeout
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval = checkpoint_interval
+        self.max_line_bytes = max_line_bytes
+        self._rng = rng or random.Random()
+        self._callbacks: List[Callback] = []
+        self._state = _IDLE
+        self._stream: Optional[FeedStream] = None
+        self._fd = -1
+        self._params: Dict[str, Any] = {}
+        self._since: Any = None
+        self._limit: Optional[int] = None
+        self._timer: Optional[TimerHandle] = None  # connect timeout, watchdog or backoff
+        self._last_activity = 0.0
+        self._connected_at: Optional[float] = None
+        self._attempt = 0
+        self._caught_up = False
+        self._blocking = False
+        self._delivering = False
+        self._stop_requested = False
+        self._unsaved = 0
+        self._saved_at = 0.0
+        #: Changes delivered to the callbacks since ``start``.
+        self.delivered = 0
+        #: Connections made since ``start`` (1 + reconnections).
+        self.connections = 0
+        #: The exception that stopped the consumer, if one did.
+        self.error: Optional[BaseException] = None
+
+    def __repr__(self) -> str:
+        return "<Consumer %s/%s %s since=%r delivered=%d connections=%d>" % (
+            self.db.server.url,
+            self.db.name,
+            self._state,
+            self._since,
+            self.delivered,
+            self.connections,
+        )
+
+    @property
+    def loop(self) -> Loop:
+        """The loop continuous feeds run on (created on first use if none was given)."""
+        if self._loop is None:
+            self._loop = Loop()
+        return self._loop
+
+    @property
+    def last_seq(self) -> Any:
+        """The seq of the last change delivered (or where the feed will start)."""
+        return self._since
+
+    @property
+    def state(self) -> str:
+        """``idle``, ``connecting``, ``streaming``, ``backoff`` or ``stopped``."""
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        """Whether a continuous feed is started and not stopped."""
+        return self._state not in (_IDLE, _STOPPED)
+
+    def close(self) -> None:
+        """Stop the feed, and close the loop if the consumer created it."""
+        self.stop()
+        if self._own_loop and self._loop is not None and not self._loop.is_running():
+            self._loop.close()
+            self._loop = None
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- one-shot feeds (blocking) -------------------------------------------------------------
+
+    def fetch(self, since: Any = 0, **params: Any) -> Dict[str, Any]:
+        """Return the changes since ``since`` at once (``feed=normal``).
+
+        Args:
+            since: the seq to start after (``0``, ``"now"``, or a seq as the server gave it).
+            params: filters (``filter_name``, ``doc_ids``, ``selector``, ``view``) and any
+                ``_changes`` parameter (``include_docs=True``, ``limit``, ``descending``...).
+
+        Returns:
+            CouchDB's answer: ``{"results": [...], "last_seq": ..., "pending": ...}``.
+
+        Raises:
+            HTTPError: e.g. ``NotFound`` for a missing database or filter.
+            NetworkError, ProtocolError, FeedError: the request failed.
+        """
+        return self._one_shot("normal", since, params)
+
+    def wait_once(self, since: Any = 0, **params: Any) -> Dict[str, Any]:
+        """Wait for the next changes after ``since`` and return them (``feed=longpoll``).
+
+        Blocks until a change arrives or the server's ``timeout`` (milliseconds, CouchDB's
+        parameter) passes. A heartbeat (``heartbeat=`` in ms, 30 s by default) keeps a silent
+        wait alive; the read gives up after :data:`WATCHDOG_HEARTBEATS` missed heartbeats.
+        Arguments, return value and errors are those of :meth:`fetch`.
+        """
+        params.setdefault("heartbeat", DEFAULT_HEARTBEAT_MS)
+        return self._one_shot("longpoll", since, params)
+
+    def _one_shot(self, feed: str, since: Any, params: Dict[str, Any]) -> Dict[str, Any]:
+        request = changes_request(self.db.path, feed, since, params)
+        timeout = self.db.server.timeout
+        heartbeat = heartbeat_seconds(request.query)
+        if heartbeat is not None:
+            timeout = max(heartbeat * self.watchdog_heartbeats, timeout or 0.0)
+        elif feed == "longpoll":
+            timeout = (
+                None
+                if "timeout" not in request.query
+                else (float(request.query["timeout"]) / 1000.0 + (timeout or 0.0))
+            )
+        _, _, body = self.db.server.raw_request(
+            request.method, request.path, params=request.query, body=request.body, timeout=timeout
+        )
+        return decode_document(body)
+
+    # -- continuous feeds ---------------------------------------------------------------------
+
+    def register_callback(self, callback: Callback) -> None:
+        """Add a callback for continuous feeds; callbacks run in the order they were added."""
+        if not callable(callback):
+            raise TypeError("a callback must be callable")
+        self._callbacks.append(callback)
+
+    def start(
+        self, callback: Optional[Callback] = None, since: Any = 0, **params: Any
+    ) -> "Consumer":
+        """Attach a continuous feed to the loop and return at once. Thread-safe.
+
+        The loop's :meth:`~changeloop.loop.Loop.run` (or any run tier) then serves this feed
+        beside every other consumer on it.
+
+        Args:
+            callback: added with :meth:`register_callback`.
+            since: where to start when the checkpoint store has nothing: ``0``, ``"now"``, a seq.
+            params: as for :meth:`fetch`; ``heartbeat`` (ms) defaults to 30 s; ``limit`` stops
+                the consumer after that many changes.
+
+        Raises:
+            RuntimeError: the consumer is already running, or has no callback.
+        """
+        if callback is not None:
+            self.register_callback(callback)
+        if not self._callbacks:
+            raise RuntimeError("register a callback before starting a continuous feed")
+        if self.running:
+            raise RuntimeError("the consumer is already running")
+        params.setdefault("heartbeat", DEFAULT_HEARTBEAT_MS)
+        changes_request(self.db.path, "continuous", since, params)  # validate now, not later
+        stored = self.checkpoint.load() if self.checkpoint is not None else None
+        self._since = stored if stored is not None else since
+        self._limit = params.get("limit")
+        self._params = params
+        self._state = _CONNECTING
+        self.error = None
+        self._stop_requested = False
+        self.delivered = 0
+        self.connections = 0
+        self._attempt = 0
+        self._caught_up = False
+        self._saved_at = time.monotonic()
+        loop = self.loop
+        if loop.in_loop_thread() or not loop.is_running():
+            loop.call_soon(self._connect)
+        else:
+            loop.call_soon_threadsafe(self._connect)
+        return self
+
+    def wait(self, callback: Optional[Callback] = None, since: Any = 0, **params: Any) -> None:
+        """Follow the continuous feed, calling the callbacks per change, until :meth:`stop`.
+
+        Runs the loop in this thread (serving every other consumer on it too). Returns when the
+        consumer is stopped: by :meth:`stop` from a callback or another thread, by ``limit``, or
+        by Ctrl-C (the checkpoint is saved first).
+
+        Raises:
+            HTTPError, TLSError, CallbackError...: the fatal error that stopped the consumer.
+            RuntimeError: the loop already runs in another thread (use :meth:`start` there).
+        """
+        self.start(callback, since, **params)
+        self._blocking = True
+        try:
+            self.loop.run(forever=True)
+        except KeyboardInterrupt:
+            logger.info("%s: interrupted; stopping", self.db.name)
+            self._finish(None)
+        finally:
+            self._blocking = False
+        if self.error is not None:
+            raise self.error
+
+    def changes(self, since: Any = 0, feed: str = "continuous", **params: Any) -> "ChangesIterator":
+        """Iterate over changes lazily: ``for change in consumer.changes(since=0): ...``.
+
+        A continuous feed runs on the consumer's loop while the iteration asks for more; a
+        ``normal`` or ``longpoll`` feed yields the rows of one request. Close the iterator (or
+        use it as a context manager) to stop early.
+        """
+        return ChangesIterator(self, since, feed, params)
+
+    def stop(self) -> None:
+        """Stop the continuous feed and save the checkpoint. Thread-safe; idempotent.
+
+        From a callback, the change being delivered counts as delivered: the stop takes effect
+        when the callbacks for it have returned.
+        """
+        if self._state in (_IDLE, _STOPPED):
+            return
+        if self._delivering:
+            self._stop_requested = True
+            return
+        loop = self.loop
+        if loop.in_loop_thread() or not loop.is_running():
+            self._finish(None)
+        else:
+            loop.call_soon_threadsafe(self._finish, None)
+
+    # -- the loop's handler -------------------------------------------------------------------
+
+    def handle_read(self) -> None:
+        self._on_ready()
+
+    def handle_write(self) -> None:
+        self._on_ready()
+
+    def handle_error(self, exc: BaseException) -> None:
+        self._fail(exc)
+
+    def _connect(self) -> None:
+        if self._state != _CONNECTING and self._state != _BACKOFF:
+            return
+        self._state = _CONNECTING
+        self._timer = None
+        server = self.db.server
+        endpoint = server._endpoint
+        request = changes_request(self.db.path, "continuous", self._since, self._params)
+        target = endpoint.prefix + request.path + "?" + encode_query(request.query)
+        headers = server.request_headers()
+        if request.body is not None:
+            headers.append(("Content-Type", "application/json"))
+        data = serialize_request(
+            request.method, target, endpoint.host_header, headers, request.body
+        )
+        connection = NonBlockingConnection(
+            endpoint.host, endpoint.port, ssl_context=endpoint.ssl_context
+        )
+        stream = FeedStream(
+            connection,
+            data,
+            server.url + request.path,
+            max_line_bytes=self.max_line_bytes,
+            method=request.method,
+        )
+        self._stream = stream
+        self.connections += 1
+        loop = self.loop
+        self._last_activity = loop.time()
+        self._connected_at = None
+        try:
+            stream.start()
+        except ChangeloopError as exc:
+            self._fail(exc)
+            return
+        self._register(stream)
+        self._timer = loop.call_later(self.connect_timeout, self._check_connect, stream)
+        logger.debug("%s: connecting (since=%r)", self.db.name, self._since)
+
+    def _register(self, stream: FeedStream) -> None:
+        want = stream.want()
+        fd = stream.fileno()
+        loop = self.loop
+        if fd != self._fd:
+            if self._fd >= 0:
+                loop.remove_handler(self._fd)
+            self._fd = fd
+            loop.add_handler(fd, self, read=want is Want.READ, write=want is Want.WRITE)
+        else:
+            loop.set_interest(fd, read=want is Want.READ, write=want is Want.WRITE)
+
+    def _on_ready(self) -> None:
+        stream = self._stream
+        if stream is None:
+            return
+        loop = self.loop
+        rows = stream.on_ready()
+        self._last_activity = loop.time()
+        if self._connected_at is None and stream.response is not None:
+            self._on_connected(stream.response)
+        if rows:
+            self._deliver(rows)
+            if stream is not self._stream:
+                return  # stopped from a callback, or by a failing one
+        if not self._caught_up and stream.decoder.heartbeats:
+            self._report_caught_up(None)
+        if stream.ended:
+            self._on_end(stream)
+            return
+        if stream.fileno() != self._fd or self._state == _CONNECTING:
+            self._register(stream)
+        if stream.has_buffered_bytes():
+            loop.call_soon(self._on_ready)  # TLS holds bytes that select() will not report
+
+    def _on_connected(self, response: Response) -> None:
+        loop = self.loop
+        self._connected_at = loop.time()
+        self._state = _STREAMING
+        if self._timer is not None:
+            self._timer.cancel()
+        self._arm_watchdog()
+        logger.info("%s: following changes since %r", self.db.name, self._since)
+        self._report(self.on_connect, FeedEvent(self, "connect"))
+
+    def _deliver(self, rows: List[Change]) -> None:
+        """Hand rows to the callbacks: the one place user code runs."""
+        callbacks = self._callbacks
+        self._delivering = True
+        try:
+            for row in rows:
+                try:
+                    for callback in callbacks:
+                        callback(row)
+                except Exception as exc:
+                    if not self._callback_failed(row, exc):
+                        return
+                seq = row.get("seq")
+                if seq is not None:  # with seq_interval most rows have none: keep the last real one
+                    self._since = seq
+                self.delivered += 1
+                self._unsaved += 1
+                if self._stop_requested or (
+                    self._limit is not None and self.delivered >= self._limit
+                ):
+                    self._finish(None)  # after the bookkeeping, so the checkpoint includes it
+                    return
+        finally:
+            self._delivering = False
+        if self.checkpoint is not None and (
+            self._unsaved >= self.checkpoint_every
+            or time.monotonic() - self._saved_at >= self.checkpoint_interval
+        ):
+            self._save_checkpoint()
+
+    def _callback_failed(self, row: Change, exc: Exception) -> bool:
+        """Report a failing callback; return whether to go on with the next change."""
+        error = CallbackError("a callback raised on change %r: %r" % (row.get("id"), exc))
+        error.__cause__ = exc
+        if self.callback_errors == "skip":
+            logger.warning("%s: %s; skipping it", self.db.name, error)
+            self._report(self.on_error, FeedEvent(self, "error", error=error, will_retry=False))
+            return True
+        logger.error("%s: %s; stopping", self.db.name, error)
+        self._report(self.on_error, FeedEvent(self, "error", error=error, will_retry=False))
+        self._finish(error)
+        return False
+
+    def _on_end(self, stream: FeedStream) -> None:
+        last = stream.last_seq
+        self._close_stream()
+        if last is None:
+            self._fail(ChangeloopError("the server ended the feed without a last_seq line"))
+            return
+        if last.seq is not None:
+            self._since = last.seq
+        if not self._caught_up and last.pending == 0:
+            self._report_caught_up(0)
+        if self._limit is not None:
+            self._finish(None)  # the server applied the limit
+            return
+        logger.debug("%s: the server ended the feed at %r; resuming", self.db.name, last.seq)
+        self._report(self.on_disconnect, FeedEvent(self, "disconnect"))
+        self._state = _BACKOFF
+        self.loop.call_soon(self._connect)
+
+    def _report_caught_up(self, pending: Optional[int]) -> None:
+        self._caught_up = True
+        self._report(self.on_caught_up, FeedEvent(self, "caught_up", pending=pending))
+
+    # -- failure, backoff and the watchdog --------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> None:
+        """Close the stream; reconnect after a backoff, or stop if ``exc`` is fatal."""
+        if self._state in (_IDLE, _STOPPED):
+            return
+        connected_at = self._connected_at
+        was_connected = connected_at is not None
+        if connected_at is not None and self.loop.time() - connected_at >= self.healthy_after:
+            self._attempt = 0
+        self._close_stream()
+        fatal = _is_fatal(exc)
+        delay = None if fatal else self._backoff()
+        if fatal:
+            logger.error("%s: %s; stopping", self.db.name, exc)
+        else:
+            logger.warning("%s: %s; reconnecting in %.2f s", self.db.name, exc, delay or 0.0)
+        if was_connected:
+            self._report(self.on_disconnect, FeedEvent(self, "disconnect", error=exc))
+        self._report(
+            self.on_error, FeedEvent(self, "error", error=exc, will_retry=not fatal, retry_in=delay)
+        )
+        if self._state == _STOPPED:
+            return  # an on_error callback stopped the consumer
+        if fatal:
+            self._finish(exc)
+            return
+        self._state = _BACKOFF
+        self._timer = self.loop.call_later(delay or 0.0, self._connect)
+
+    def _backoff(self) -> float:
+        ceiling = min(self.reconnect_cap, self.reconnect_base * (2 ** min(self._attempt, 32)))
+        self._attempt += 1
+        return self._rng.uniform(0, ceiling)
+
+    def _check_connect(self, stream: FeedStream) -> None:
+        self._timer = None
+        if stream is self._stream and self._connected_at is None:
+            if stream.state in ("connecting",):
+                self._fail(stream.connect_timeout_error())
+            else:
+                self._arm_watchdog()  # connected, waiting for the head: the watchdog takes over
+
+    def _arm_watchdog(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(self._last_activity + self._allowance(), self._watchdog)
+
+    def _allowance(self) -> float:
+        stream = self._stream
+        heartbeat = heartbeat_seconds(self._params) or DEFAULT_HEARTBEAT_MS / 1000.0
+        silence = heartbeat * self.watchdog_heartbeats
+        if stream is None or stream.decoder.rows or stream.decoder.heartbeats:
+            return silence
+        return max(silence, self.first_byte_timeout)  # nothing of the body yet
+
+    def _watchdog(self) -> None:
+        """Fire at most once per allowance: O(1) per feed, whatever the traffic."""
+        self._timer = None
+        if self._stream is None:
+            return
+        allowance = self._allowance()
+        idle = self.loop.time() - self._last_activity
+        if idle >= allowance:
+            self._fail(ReadTimeout("no data for %.1f s: the connection is presumed dead" % idle))
+        else:
+            self._timer = self.loop.call_at(self._last_activity + allowance, self._watchdog)
+
+    def _close_stream(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._fd >= 0:
+            self.loop.remove_handler(self._fd)
+            self._fd = -1
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def _finish(self, error: Optional[BaseException]) -> None:
+        """Stop for good: close, save the checkpoint, tell a blocking ``wait`` to return."""
+        if self._state in (_IDLE, _STOPPED):
+            return
+        was_connected = self._stream is not None and self._connected_at is not None
+        self._close_stream()
+        self._state = _STOPPED
+        self.error = error
+        if self.checkpoint is not None:
+            try:
+                self._save_checkpoint()
+            except Exception:
+                logger.exception("%s: saving the checkpoint on stop failed", self.db.name)
+        if was_connected and error is None:
+            self._report(self.on_disconnect, FeedEvent(self, "disconnect"))
+        logger.info("%s: stopped after %d changes", self.db.name, self.delivered)
+        if self._blocking:
+            self.loop.stop()
+
+    def _save_checkpoint(self) -> None:
+        self._unsaved = 0
+        self._saved_at = time.monotonic()
+        if self._since is not None and self.checkpoint is not None:
+            self.checkpoint.save(self._since)
+
+    def _report(self, callback: Optional[Callable[[FeedEvent], Any]], event: FeedEvent) -> None:
+        if callback is None:
+            return
+        try:
+            callback(event)
+        except Exception:
+            logger.exception("%s: the %s callback raised", self.db.name, event.kind)
+
+
+def _is_fatal(exc: BaseException) -> bool:
+    if isinstance(exc, HTTPError):
+        return exc.status in FATAL_STATUSES
+    if isinstance(exc, (TLSError, LineTooLongError, CallbackError)):
+        return True
+    return not isinstance(exc, ChangeloopError)  # a bug of ours, not the network's: don't spin
+
+
+class ChangesIterator:
+    """The iterator :meth:`Consumer.changes` returns; see there."""
+
+    def __init__(self, consumer: Consumer, since: Any, feed: str, params: Dict[str, Any]) -> None:
+        self._queue: Deque[Change] = collections.deque()
+        self._one_shot: Optional[Iterator[Change]] = None
+        self._follower: Optional[Consumer] = None
+        if feed == "continuous":
+            follower = Consumer(
+                consumer.db,
+                consumer.loop,
+                checkpoint=consumer.checkpoint,
+                on_error=consumer.on_error,
+                on_connect=consumer.on_connect,
+                on_disconnect=consumer.on_disconnect,
+                on_caught_up=consumer.on_caught_up,
+                reconnect_base=consumer.reconnect_base,
+                reconnect_cap=consumer.reconnect_cap,
+                watchdog_heartbeats=consumer.watchdog_heartbeats,
+                max_line_bytes=consumer.max_line_bytes,
+            )
+            follower.start(self._queue.append, since, **params)
+            self._follower = follower
+        elif feed == "longpoll":
+            self._one_shot = iter(consumer.wait_once(since, **params)["results"])
+        else:
+            self._one_shot = iter(consumer._one_shot(feed, since, params)["results"])
+
+    def __iter__(self) -> "ChangesIterator":
+        return self
+
+    def __next__(self) -> Change:
+        if self._one_shot is not None:
+            return next(self._one_shot)
+        follower = self._follower
+        assert follower is not None
+        while not self._queue:
+            if not follower.running:
+                if follower.error is not None:
+                    raise follower.error
+                raise StopIteration
+            follower.loop.run_once(None)
+        return self._queue.popleft()
+
+    def close(self) -> None:
+        """Stop following; the changes already received are dropped."""
+        if self._follower is not None:
+            self._follower.stop()
+        self._queue.clear()
+
+    def __enter__(self) -> "ChangesIterator":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
