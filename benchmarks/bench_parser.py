@@ -30,14 +30,18 @@ HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding:
 def make_stream(rows: int) -> bytes:
     parts = [HEAD]
     for i in range(rows):
-        row = json.dumps(
-            {
-                "seq": "%d-g1AAAAFReJzLYWBgYMpgTmHgzcvPy09JdcjLz8gvLskBCScyJNX___8_K4M5kS0XK" % i,
-                "id": "doc-%08d" % i,
-                "changes": [{"rev": "1-967a00dff5e02add41819138abb3284d"}],
-            },
-            separators=(",", ":"),
-        ).encode() + b"\n"
+        row = (
+            json.dumps(
+                {
+                    "seq": "%d-g1AAAAFReJzLYWBgYMpgTmHgzcvPy09JdcjLz8gvLskBCScyJNX___8_K4M5kS0XK"
+                    % i,
+                    "id": "doc-%08d" % i,
+                    "changes": [{"rev": "1-967a00dff5e02add41819138abb3284d"}],
+                },
+                separators=(",", ":"),
+            ).encode()
+            + b"\n"
+        )
         parts.append(b"%x\r\n%s\r\n" % (len(row), row))
         if i % 1000 == 999:
             parts.append(b"1\r\n\n\r\n")
@@ -103,12 +107,18 @@ def main() -> None:
     stream = make_stream(args.rows)
     pieces = pieces_of(stream)
     megabytes = len(stream) / 1e6
-    print("command: python benchmarks/bench_parser.py --rows %d --rounds %d"
-          % (args.rows, args.rounds))
+    print(
+        "command: python benchmarks/bench_parser.py --rows %d --rounds %d"
+        % (args.rows, args.rounds)
+    )
     print(
         "machine: %d cores, %s %s, %s"
-        % (os.cpu_count() or 0, platform.python_implementation(), platform.python_version(),
-           platform.machine())
+        % (
+            os.cpu_count() or 0,
+            platform.python_implementation(),
+            platform.python_version(),
+            platform.machine(),
+        )
     )
     print("stream: %d rows, %.1f MB, %d-byte receives" % (args.rows, megabytes, RECV_BYTES))
     floor = statistics.median(timings(floor_split, pieces, args.rounds))

@@ -4,12 +4,14 @@ One thread, many databases, no dependencies. See the README for the tour.
 """
 
 from ._version import __version__
+from .checkpoint import FileCheckpoint, LocalDocCheckpoint, MemoryCheckpoint
 from .client import Database, Server
 from .consumer import Consumer, FeedEvent
 from .errors import (
     BadRequest,
     CallbackError,
     ChangeloopError,
+    CheckpointError,
     Conflict,
     ConnectError,
     ConnectTimeout,
@@ -37,6 +39,10 @@ __all__ = [
     "Loop",
     "Consumer",
     "FeedEvent",
+    "FileCheckpoint",
+    "LocalDocCheckpoint",
+    "MemoryCheckpoint",
+    "CheckpointError",
     "BadRequest",
     "CallbackError",
     "ChangeloopError",

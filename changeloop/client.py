@@ -233,6 +233,14 @@ class Server:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        # couchdbkit-style code never closes a Server: release its idle sockets quietly rather
+        # than leaving them to the ResourceWarning of a garbage-collected socket.
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
     def close(self) -> None:
         """Close the idle pooled connections. The server stays usable; new ones open on demand."""
         with self._lock:

@@ -29,6 +29,7 @@ __all__ = [
     "PreconditionFailed",
     "ServerError",
     "CallbackError",
+    "CheckpointError",
 ]
 
 
@@ -211,3 +212,7 @@ def http_error_from_body(status: int, body: bytes, *, method: str = "", url: str
 
 class CallbackError(ChangeloopError):
     """A user callback raised; the original exception is chained as ``__cause__``."""
+
+
+class CheckpointError(ChangeloopError):
+    """A checkpoint store could not be read or written (a corrupt file, a failed save)."""

@@ -445,6 +445,15 @@ class Loop:
         self._ready.clear()
         self._parked.clear()
 
+    def __del__(self) -> None:
+        # A loop dropped without close() (a Consumer's private loop, say) releases its selector
+        # and wake-up sockets quietly instead of leaving them to ResourceWarnings.
+        try:
+            if not getattr(self, "_running", False):
+                self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
     def __enter__(self) -> "Loop":
         return self
 

@@ -124,8 +124,10 @@ def test_reason_phrase_may_be_missing() -> None:
 
 
 def test_interim_1xx_responses_are_skipped() -> None:
-    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n" \
-          b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"
+    raw = (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"
+    )
     result = three_ways(raw)
     assert isinstance(result[0], Response) and result[0].status_code == 200
     assert result[1:] == [b"x", EndOfMessage()]
@@ -242,7 +244,7 @@ def test_conflicting_content_length_is_rejected() -> None:
 
 
 def test_read_until_close() -> None:
-    raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"a\":1}\n{\"b\":2}\n"
+    raw = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"a":1}\n{"b":2}\n'
     result = three_ways(raw, eof=True)
     assert result[1:] == [b'{"a":1}\n{"b":2}\n', EndOfMessage()]
 

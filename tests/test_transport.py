@@ -237,11 +237,17 @@ def _verify_error(message: str) -> ssl.SSLCertVerificationError:
         (socket.timeout("timed out"), "read", ReadTimeout),
         (socket.timeout("timed out"), "write", ReadTimeout),
         (_verify_error("unable to get local issuer certificate"), "TLS handshake", TLSError),
-        (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"), "TLS handshake",
-         TLSError),
+        (
+            ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+            "TLS handshake",
+            TLSError,
+        ),
         (ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED]"), "read", TLSError),
-        (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), "TLS handshake",
-         ConnectError),
+        (
+            ssl.SSLEOFError(8, "EOF occurred in violation of protocol"),
+            "TLS handshake",
+            ConnectError,
+        ),
         (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), "read", ReadError),
         (ConnectionResetError(104, "Connection reset by peer"), "TLS handshake", ConnectError),
         (ConnectionResetError(104, "Connection reset by peer"), "read", ReadError),
@@ -256,12 +262,19 @@ def test_map_socket_error(exc: OSError, phase: str, expected: type) -> None:
 
 
 def test_map_socket_error_messages() -> None:
-    err = map_socket_error(_verify_error("unable to get local issuer certificate"),
-                           host="::1", port=6984, phase="TLS handshake")
-    assert str(err) == ("TLS handshake with [::1]:6984 failed: certificate verify failed: "
-                        "unable to get local issuer certificate")
-    assert isinstance(map_socket_error(socket.timeout(), host="h", port=1, phase="read"),
-                      TimeoutError)
+    err = map_socket_error(
+        _verify_error("unable to get local issuer certificate"),
+        host="::1",
+        port=6984,
+        phase="TLS handshake",
+    )
+    assert str(err) == (
+        "TLS handshake with [::1]:6984 failed: certificate verify failed: "
+        "unable to get local issuer certificate"
+    )
+    assert isinstance(
+        map_socket_error(socket.timeout(), host="h", port=1, phase="read"), TimeoutError
+    )
     already = ReadError("x")
     assert map_socket_error(already, host="h", port=1, phase="read") is already
     with pytest.raises(ValueError):
@@ -339,16 +352,22 @@ def test_blocking_tls_wrong_hostname(
 ) -> None:
     with Server(send_hello, tls=server_ctx) as server:
         with pytest.raises(TLSError, match="(?i)hostname") as info:
-            connect_blocking(server.host, server.port, ssl_context=client_ctx,
-                             server_hostname="wrong.example", timeout=2)
+            connect_blocking(
+                server.host,
+                server.port,
+                ssl_context=client_ctx,
+                server_hostname="wrong.example",
+                timeout=2,
+            )
     assert "wrong.example" in str(info.value)
 
 
 def test_blocking_tls_verify_false_accepts_anything(server_ctx: ssl.SSLContext) -> None:
     ctx = make_ssl_context(verify=False)
     with Server(send_hello, tls=server_ctx) as server:
-        with connect_blocking(server.host, server.port, ssl_context=ctx,
-                              server_hostname="wrong.example", timeout=2) as sock:
+        with connect_blocking(
+            server.host, server.port, ssl_context=ctx, server_hostname="wrong.example", timeout=2
+        ) as sock:
             assert recv_all_blocking(sock) == b"hello"
 
 
@@ -459,8 +478,9 @@ def test_nonblocking_connect_recv_eof(
     tls: bool, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
 ) -> None:
     with Server(hello_after_go, tls=server_ctx if tls else None) as server:
-        with NonBlockingConnection(server.host, server.port,
-                                   ssl_context=client_ctx if tls else None) as conn:
+        with NonBlockingConnection(
+            server.host, server.port, ssl_context=client_ctx if tls else None
+        ) as conn:
             drive(conn)
             assert conn.advance() is Want.DONE
             assert conn.recv(100) is None  # the server waits for "go"
