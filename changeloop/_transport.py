@@ -11,6 +11,7 @@ and the phase, never credentials: callers pass bare host names.
 """
 
 import enum
+import errno
 import logging
 import os
 import socket
@@ -18,7 +19,15 @@ import ssl
 import time
 from typing import Any, List, Optional, Tuple, Union
 
-from .errors import ConnectError, ConnectTimeout, NetworkError, ReadError, ReadTimeout, TLSError
+from .errors import (
+    ConnectError,
+    ConnectTimeout,
+    NetworkError,
+    ReadError,
+    ReadTimeout,
+    ResourceLimitError,
+    TLSError,
+)
 
 __all__ = [
     "Want",
@@ -28,6 +37,7 @@ __all__ = [
     "tune_socket",
     "connect_blocking",
     "map_socket_error",
+    "ensure_fd_capacity",
 ]
 
 logger = logging.getLogger(__name__)
@@ -121,7 +131,9 @@ def resolve(host: str, port: int) -> List[AddrInfo]:
         # No AI_ADDRCONFIG: glibc ignores loopback when deciding whether IPv6 is "configured",
         # so it would make "::1" unresolvable on hosts whose only IPv6 address is loopback.
         return list(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-    except (OSError, UnicodeError) as exc:  # UnicodeError: the IDNA codec rejected the name
+    except OSError as exc:
+        raise map_socket_error(exc, host=host, port=port, phase="resolve") from exc
+    except UnicodeError as exc:  # the IDNA codec rejected the name
         raise ConnectError("could not resolve %s: %s" % (_where(host, port), exc)) from exc
 
 
@@ -191,6 +203,11 @@ def map_socket_error(exc: BaseException, *, host: str, port: int, phase: str) ->
         # Alerts and protocol failures: wrong version, no shared cipher, a client certificate the
         # server wanted (with TLS 1.3 that alert arrives on the first read, not in the handshake).
         return TLSError("TLS failure during %s with %s: %s" % (phase, where, exc))
+    if getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE):
+        return ResourceLimitError(
+            "out of file descriptors during %s with %s (%s); open-file limit: %s"
+            % (phase, where, exc, _fd_limit_text())
+        )
     if phase == "resolve" or isinstance(exc, socket.gaierror):
         return ConnectError("could not resolve %s: %s" % (where, exc))
     if connecting:
@@ -539,3 +556,59 @@ class NonBlockingConnection:
         sock, self.sock, self._tls = self.sock, None, None
         if sock is not None:
             sock.close()
+
+
+#: Descriptors left free for everything else a process opens (files, logs, the loop's own).
+FD_HEADROOM = 64
+
+
+def _open_fd_count() -> int:
+    # Linux and the BSDs list a process's descriptors here; elsewhere we cannot count cheaply
+    # and count none, which only makes the check below more lenient.
+    for directory in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(directory))
+        except OSError:
+            continue
+    return 0
+
+
+def _fd_limit_text() -> str:
+    try:
+        import resource
+    except ImportError:  # Windows: no RLIMIT_NOFILE
+        return "unknown"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return "soft %s, hard %s" % (
+        "unlimited" if soft == resource.RLIM_INFINITY else soft,
+        "unlimited" if hard == resource.RLIM_INFINITY else hard,
+    )
+
+
+def ensure_fd_capacity(extra: int) -> None:
+    """Make room for ``extra`` more sockets: raise the soft open-file limit toward the hard one.
+
+    Many feeds on one thread means one descriptor each; the default soft limit (often 1024) is
+    far below the hard one (often 524288), so it is raised as far as needed, never lowered.
+
+    Raises:
+        ResourceLimitError: even the hard limit is too low; the message says how many
+            descriptors are needed and what the limits are.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows: sockets are not bounded by RLIMIT_NOFILE
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = _open_fd_count() + extra + FD_HEADROOM
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        raise ResourceLimitError(
+            "%d file descriptors are needed (%d more sockets, %d in use, %d spare) but the "
+            "open-file limit is %d (hard %d): raise it with `ulimit -n` or limits.conf"
+            % (needed, extra, needed - extra - FD_HEADROOM, FD_HEADROOM, soft, hard)
+        )
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, max(needed, 2 * soft))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    logger.info("raised the open-file soft limit from %d to %d for %d feeds", soft, target, extra)

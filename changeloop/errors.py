@@ -30,6 +30,7 @@ __all__ = [
     "ServerError",
     "CallbackError",
     "CheckpointError",
+    "ResourceLimitError",
 ]
 
 
@@ -216,3 +217,11 @@ class CallbackError(ChangeloopError):
 
 class CheckpointError(ChangeloopError):
     """A checkpoint store could not be read or written (a corrupt file, a failed save)."""
+
+
+class ResourceLimitError(ConnectError):
+    """No connection could be made for want of file descriptors (the open-file limit).
+
+    The message says how many were needed and what the limit is. A consumer retries after a
+    backoff, as descriptors may be freed in the meantime.
+    """
