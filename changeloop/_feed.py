@@ -98,11 +98,18 @@ class LineDecoder:
                 follow the ``last_seq`` line, or the bytes are not UTF-8.
             LineTooLongError: a line is longer than ``max_line_bytes``.
         """
+        rows: List[Row] = []
+        self.feed_into(data, rows)
+        return rows
+
+    def feed_into(self, data: bytes, rows: List[Row]) -> None:
+        """Like :meth:`feed`, appending to ``rows``: when a line fails, the rows of the lines
+        before it are in ``rows`` already, for the caller to deliver before the error.
+        """
         last = data.rfind(b"\n")
         if last < 0:
             self._hold(self._tail + data if self._tail else data)
-            return []
-        rows: List[Row] = []
+            return
         start = 0
         if self._tail:
             first = data.find(b"\n")
@@ -111,7 +118,6 @@ class LineDecoder:
         if start <= last:
             self._decode(data[start : last + 1] if start else data[: last + 1], rows)
         self._hold(data[last + 1 :])
-        return rows
 
     def close(self) -> None:
         """Say the body ended; a partial last line is an error (the feed was cut).

@@ -166,8 +166,11 @@ class _ChunkedReader(BodyReader):
         self._need_crlf = False  # the CRLF that must follow chunk data
         self._in_trailers = False
         self._trailer_scan = 0
+        self._failed: Optional[ProtocolError] = None  # raised after the data before it
 
     def read(self, buf: bytearray, offset: int) -> Optional[Union[Data, EndOfMessage]]:
+        if self._failed is not None:
+            raise self._failed
         if self._in_trailers:
             return self._read_trailers(buf, offset)
         # One snapshot of the buffer as bytes: slicing bytes and joining the slices measured
@@ -179,63 +182,72 @@ class _ChunkedReader(BodyReader):
         find = data.find
         pos = 0
         remaining = self._remaining
-        while True:
-            if remaining:  # the rest of a chunk that started in an earlier receive
-                if pos == end:
-                    break
-                take = min(remaining, end - pos)
-                append(data[pos : pos + take])
-                pos += take
-                remaining -= take
-                if remaining:
-                    break
-                self._need_crlf = True
-            if self._need_crlf:
-                if end - pos < 2:
-                    if end > pos and data[pos] != 0x0D:
+        try:
+            while True:
+                if remaining:  # the rest of a chunk that started in an earlier receive
+                    if pos == end:
+                        break
+                    take = min(remaining, end - pos)
+                    append(data[pos : pos + take])
+                    pos += take
+                    remaining -= take
+                    if remaining:
+                        break
+                    self._need_crlf = True
+                if self._need_crlf:
+                    if end - pos < 2:
+                        if end > pos and data[pos] != 0x0D:
+                            raise self._error("chunk data not followed by CRLF", offset + pos)
+                        break
+                    if data[pos] != 0x0D or data[pos + 1] != 0x0A:
                         raise self._error("chunk data not followed by CRLF", offset + pos)
+                    pos += 2
+                    self._need_crlf = False
+                lf = find(b"\n", pos, pos + MAX_CHUNK_LINE_BYTES + 1)
+                if lf < 0:
+                    if end - pos > MAX_CHUNK_LINE_BYTES:
+                        raise self._error(
+                            "chunk-size line longer than %d bytes" % MAX_CHUNK_LINE_BYTES,
+                            offset + pos,
+                        )
                     break
-                if data[pos] != 0x0D or data[pos + 1] != 0x0A:
-                    raise self._error("chunk data not followed by CRLF", offset + pos)
-                pos += 2
-                self._need_crlf = False
-            lf = find(b"\n", pos, pos + MAX_CHUNK_LINE_BYTES + 1)
-            if lf < 0:
-                if end - pos > MAX_CHUNK_LINE_BYTES:
-                    raise self._error(
-                        "chunk-size line longer than %d bytes" % MAX_CHUNK_LINE_BYTES,
-                        offset + pos,
-                    )
-                break
-            digits = data[pos : lf - 1]
-            # Fast check for the usual "hex CRLF": isalnum() plus int(_, 16) rejects all but a
-            # "0x" prefix and leading zeros, which the exact check below handles with the rest
-            # (extensions, bare LF, signs, blanks).
-            if (
-                data[lf - 1] != 0x0D
-                or not digits.isalnum()
-                or lf - 1 - pos > MAX_CHUNK_SIZE_DIGITS
-                or (digits[0] == 0x30 and lf - 1 - pos > 1)
-            ):
-                size = _parse_chunk_size(data[pos:lf], offset + pos)
-            else:
-                try:
-                    size = int(digits, 16)
-                except ValueError:
-                    message = "invalid chunk size %r" % excerpt(digits)
-                    raise self._error(message, offset + pos) from None
-            pos = lf + 1
-            if size == 0:
-                self._in_trailers = True
-                break
-            stop = pos + size
-            if stop + 2 <= end:  # the whole chunk is here: the common case
-                if data[stop] != 0x0D or data[stop + 1] != 0x0A:
-                    raise self._error("chunk data not followed by CRLF", offset + stop)
-                append(data[pos:stop])
-                pos = stop + 2
-            else:
-                remaining = size
+                digits = data[pos : lf - 1]
+                # Fast check for the usual "hex CRLF": isalnum() plus int(_, 16) rejects all but a
+                # "0x" prefix and leading zeros, which the exact check below handles with the rest
+                # (extensions, bare LF, signs, blanks).
+                if (
+                    data[lf - 1] != 0x0D
+                    or not digits.isalnum()
+                    or lf - 1 - pos > MAX_CHUNK_SIZE_DIGITS
+                    or (digits[0] == 0x30 and lf - 1 - pos > 1)
+                ):
+                    size = _parse_chunk_size(data[pos:lf], offset + pos)
+                else:
+                    try:
+                        size = int(digits, 16)
+                    except ValueError:
+                        message = "invalid chunk size %r" % excerpt(digits)
+                        raise self._error(message, offset + pos) from None
+                pos = lf + 1
+                if size == 0:
+                    self._in_trailers = True
+                    break
+                stop = pos + size
+                if stop + 2 <= end:  # the whole chunk is here: the common case
+                    if data[stop] != 0x0D or data[stop + 1] != 0x0A:
+                        raise self._error("chunk data not followed by CRLF", offset + stop)
+                    append(data[pos:stop])
+                    pos = stop + 2
+                else:
+                    remaining = size
+        except ProtocolError as exc:
+            if not parts:
+                raise
+            # Hand out the good chunks before the bad framing (rows a consumer must deliver
+            # before it resumes); the error comes with the next call.
+            self._failed = exc
+            del buf[:pos]
+            return Data(b"".join(parts))
         self._remaining = remaining
         del buf[:pos]
         if parts:

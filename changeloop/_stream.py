@@ -11,10 +11,16 @@ from typing import Any, Dict, List, Optional
 
 from . import _transport
 from ._events import NEED_DATA, ConnectionClosed, Data, EndOfMessage, Response
-from ._feed import LastSeq, LineDecoder
+from ._feed import LastSeq, LineDecoder, decode_document
 from ._http import ResponseParser
 from ._transport import NonBlockingConnection, Want
-from .errors import HTTPError, ReadError, http_error_from_body
+from .errors import (
+    ChangeloopError,
+    HTTPError,
+    LineTooLongError,
+    ReadError,
+    http_error_from_body,
+)
 
 __all__ = ["FeedStream", "RECV_BYTES", "MAX_RECVS_PER_READ"]
 
@@ -44,7 +50,10 @@ class FeedStream:
         connection: a connection not yet started.
         request: the serialized request bytes.
         url: the request's URL without credentials, for error messages.
-        max_line_bytes: passed to the line decoder.
+        max_line_bytes: passed to the line decoder; with ``document``, the longest body.
+        method: the request's method.
+        document: the answer is one JSON document (``feed=normal``), not a feed of lines: it is
+            decoded whole into :attr:`document` when it ends, and no rows are returned.
     """
 
     def __init__(
@@ -55,6 +64,7 @@ class FeedStream:
         *,
         max_line_bytes: int,
         method: str = "GET",
+        document: bool = False,
     ) -> None:
         self.connection = connection
         self.url = url
@@ -70,6 +80,17 @@ class FeedStream:
         self.bytes_received = 0
         self._error_status = 0
         self._error_body: List[bytes] = []
+        #: A failure met while receiving. It is kept here rather than raised, so that what the
+        #: same read brought before it (the head, rows, heartbeats, the last_seq line) is still
+        #: handed over and acted on: a cut often arrives together with the last good rows.
+        #: Check it after each :meth:`on_ready`; a further call raises it.
+        self.error: Optional[ChangeloopError] = None
+        #: Whether this is a ``document`` stream: a one-shot answer, not a feed.
+        self.one_shot = document
+        self._body: List[bytes] = []
+        self._body_bytes = 0
+        #: With ``document=True``: the decoded answer, once the response ended.
+        self.document: Optional[Dict[str, Any]] = None
 
     def __repr__(self) -> str:
         return "<FeedStream %s %s received=%d rows=%d>" % (
@@ -83,6 +104,11 @@ class FeedStream:
     def ended(self) -> bool:
         """Whether the response ended cleanly (the last chunk arrived)."""
         return self.state == _ENDED
+
+    @property
+    def streaming(self) -> bool:
+        """Whether a ``200`` response head arrived: the feed itself is flowing."""
+        return self.response is not None and not self._error_status
 
     @property
     def last_seq(self) -> Optional[LastSeq]:
@@ -116,12 +142,16 @@ class FeedStream:
     def on_ready(self) -> List[Row]:
         """Make progress on readiness; return the rows decoded (often none).
 
+        Failures while receiving are not raised but kept in :attr:`error` (see there): a
+        ``NetworkError`` (the connection broke), ``ProtocolError`` (not valid HTTP/1.1),
+        ``FeedError`` (a malformed feed, a line too long) or ``HTTPError`` (an error status).
+
         Raises:
-            NetworkError: connecting, TLS or the connection failed.
-            ProtocolError: the response is not valid HTTP/1.1.
-            FeedError: the feed body is malformed (or a line is too long).
-            HTTPError: the server answered with an error status.
+            NetworkError: connecting, TLS or sending failed.
+            ChangeloopError: the :attr:`error` of an earlier call.
         """
+        if self.error is not None:
+            raise self.error
         if self.state == _CONNECTING:
             self._want = self.connection.advance()
             if self._want is Want.DONE:
@@ -168,15 +198,18 @@ class FeedStream:
     def _receive(self) -> List[Row]:
         rows: List[Row] = []
         connection = self.connection
-        for _ in range(MAX_RECVS_PER_READ):
-            data = connection.recv(RECV_BYTES)
-            if data is None:
-                break
-            self.bytes_received += len(data)
-            self._parser.receive_data(data)
-            self._process(rows)
-            if not data or self.state == _ENDED:
-                break
+        try:
+            for _ in range(MAX_RECVS_PER_READ):
+                data = connection.recv(RECV_BYTES)
+                if data is None:
+                    break
+                self.bytes_received += len(data)
+                self._parser.receive_data(data)
+                self._process(rows)
+                if not data or self.state == _ENDED:
+                    break
+        except ChangeloopError as exc:
+            self.error = exc
         return rows
 
     def _process(self, rows: List[Row]) -> None:
@@ -189,8 +222,10 @@ class FeedStream:
                 if self._error_status:
                     if sum(map(len, self._error_body)) < MAX_ERROR_BODY_BYTES:
                         self._error_body.append(event.data)
+                elif self.one_shot:
+                    self._hold_document(event.data)
                 else:
-                    rows.extend(self.decoder.feed(event.data))
+                    self.decoder.feed_into(event.data, rows)
             elif isinstance(event, Response):
                 self.response = event
                 if event.status_code != 200:
@@ -199,12 +234,22 @@ class FeedStream:
                 self.state = _ENDED
                 if self._error_status:
                     raise self._http_error()
+                if self.one_shot:
+                    self.document = decode_document(b"".join(self._body))
                 self.decoder.close()
                 return
             elif isinstance(event, ConnectionClosed):
                 raise ReadError("%s closed the connection before answering" % self.url)
             else:  # PAUSED: bytes after the end of the message; nothing more to read
                 return
+
+    def _hold_document(self, data: bytes) -> None:
+        self._body_bytes += len(data)
+        if self._body_bytes > self.decoder.max_line_bytes:
+            raise LineTooLongError(
+                "a _changes answer exceeded %d bytes (max_line_bytes)" % self.decoder.max_line_bytes
+            )
+        self._body.append(data)
 
     def _http_error(self) -> HTTPError:
         body = b"".join(self._error_body)

@@ -8,9 +8,11 @@ consumers share one thread; ``wait`` is ``start`` plus running the loop until th
 A continuous consumer is the loop's handler for its socket. On readiness it asks its
 :class:`~changeloop._stream.FeedStream` for rows (a return value) and hands them to the callbacks,
 in :meth:`Consumer._deliver`, the one place user code runs. Any network, protocol or feed failure,
-an EOF without ``last_seq``, a 429 or a 5xx closes the stream and reconnects after a full-jitter
-exponential backoff, resuming after the last change *delivered*; 400/401/403/404 and TLS failures
-are fatal. A heartbeat watchdog declares a silent connection dead. A ``checkpoint`` store saves the
+an EOF without ``last_seq``, a 429 or a 5xx closes the stream (after delivering the rows that came
+before it) and reconnects after a full-jitter exponential backoff, resuming after the last change
+*delivered*; 400/401/403/404 and TLS failures are fatal. ``since="now"`` is first turned into a
+real seq, so no reconnection ever says "now" again. A heartbeat watchdog declares a silent
+connection dead. A ``checkpoint`` store saves the
 last delivered seq (throttled, and on stop), so a restarted consumer resumes there: delivery is
 at-least-once.
 """
@@ -18,12 +20,10 @@ at-least-once.
 import collections
 import logging
 import random
-import time
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
 
-from ._events import Response
 from ._feed import MAX_LINE_BYTES, decode_document
-from ._params import DEFAULT_HEARTBEAT_MS, changes_request, heartbeat_seconds
+from ._params import DEFAULT_HEARTBEAT_MS, ChangesRequest, changes_request, heartbeat_seconds
 from ._request import serialize_request
 from ._stream import FeedStream
 from ._transport import NonBlockingConnection, Want
@@ -31,6 +31,7 @@ from .client import Database, encode_query
 from .errors import (
     CallbackError,
     ChangeloopError,
+    FeedError,
     HTTPError,
     LineTooLongError,
     ReadTimeout,
@@ -53,8 +54,10 @@ HEALTHY_AFTER_S = 30.0
 #: Silence, in heartbeats, after which a connection is declared dead: one lost heartbeat is
 #: normal jitter, three in a row is a dead peer or a half-open connection.
 WATCHDOG_HEARTBEATS = 3.0
-#: How long the first byte may take: some servers send nothing (not even headers) until the
-#: first change or heartbeat, and a busy CouchDB may take a while to open the feed.
+#: How long the first byte of the *body* may take, until the heartbeat allowance applies: some
+#: servers send nothing (or only the headers) until the first change or heartbeat, and
+#: ``_db_updates`` holds its headers back. CouchDB 2+ sends a newline as soon as a feed opens,
+#: so there the tighter heartbeat allowance applies at once.
 FIRST_BYTE_TIMEOUT_S = 120.0
 #: Seconds to connect (TCP and TLS).
 CONNECT_TIMEOUT_S = 30.0
@@ -196,7 +199,8 @@ class Consumer:
         self._delivering = False
         self._stop_requested = False
         self._unsaved = 0
-        self._saved_at = 0.0
+        self._saved_at = 0.0  # on the loop's clock, like every other time here
+        self._followers: List[Consumer] = []  # the consumers of changes() iterators
         #: Changes delivered to the callbacks since ``start``.
         self.delivered = 0
         #: Connections made since ``start`` (1 + reconnections).
@@ -237,8 +241,12 @@ class Consumer:
         return self._state not in (_IDLE, _STOPPED)
 
     def close(self) -> None:
-        """Stop the feed, and close the loop if the consumer created it."""
+        """Stop the feed and any ``changes()`` iteration, and close the loop if the consumer
+        created it."""
         self.stop()
+        for follower in self._followers:
+            follower.stop()
+        self._followers.clear()
         if self._own_loop and self._loop is not None and not self._loop.is_running():
             self._loop.close()
             self._loop = None
@@ -280,7 +288,7 @@ class Consumer:
         return self._one_shot("longpoll", since, params)
 
     def _one_shot(self, feed: str, since: Any, params: Dict[str, Any]) -> Dict[str, Any]:
-        request = changes_request(self.db.path, feed, since, params)
+        request = self._request(feed, since, params)
         timeout = self.db.server.timeout
         heartbeat = heartbeat_seconds(request.query)
         if heartbeat is not None:
@@ -315,18 +323,21 @@ class Consumer:
         Args:
             callback: added with :meth:`register_callback`.
             since: where to start when the checkpoint store has nothing: ``0``, ``"now"``, a seq.
+                ``"now"`` is first turned into the current seq (a ``feed=normal&since=now``
+                request on the loop): a reconnection or a checkpoint that said "now" again
+                would skip whatever changed in between.
             params: as for :meth:`fetch`; ``heartbeat`` (ms) defaults to 30 s; ``limit`` stops
                 the consumer after that many changes.
 
         Raises:
             RuntimeError: the consumer is already running, or has no callback.
         """
+        if self.running:
+            raise RuntimeError("the consumer is already running")
         if callback is not None:
             self.register_callback(callback)
         if not self._callbacks:
             raise RuntimeError("register a callback before starting a continuous feed")
-        if self.running:
-            raise RuntimeError("the consumer is already running")
         params.setdefault("heartbeat", DEFAULT_HEARTBEAT_MS)
         changes_request(self.db.path, "continuous", since, params)  # validate now, not later
         stored = self.checkpoint.load() if self.checkpoint is not None else None
@@ -340,8 +351,8 @@ class Consumer:
         self.connections = 0
         self._attempt = 0
         self._caught_up = False
-        self._saved_at = time.monotonic()
         loop = self.loop
+        self._saved_at = loop.time()
         if loop.in_loop_thread() or not loop.is_running():
             loop.call_soon(self._connect)
         else:
@@ -357,14 +368,19 @@ class Consumer:
 
         Raises:
             HTTPError, TLSError, CallbackError...: the fatal error that stopped the consumer.
-            RuntimeError: the loop already runs in another thread (use :meth:`start` there).
+            RuntimeError: the loop already runs, in another thread or around this call (use
+                :meth:`start` there).
         """
+        loop = self.loop
+        if loop.is_running():  # before start(): a refused wait() must not leave a feed behind
+            raise RuntimeError("the loop is already running: use start() on a running loop")
         self.start(callback, since, **params)
         self._blocking = True
         try:
-            self.loop.run(forever=True)
+            loop.run(forever=True)
         except KeyboardInterrupt:
             logger.info("%s: interrupted; stopping", self.db.name)
+            self._blocking = False  # run() has returned: a loop.stop() now would end the next one
             self._finish(None)
         finally:
             self._blocking = False
@@ -378,7 +394,11 @@ class Consumer:
         ``normal`` or ``longpoll`` feed yields the rows of one request. Close the iterator (or
         use it as a context manager) to stop early.
         """
-        return ChangesIterator(self, since, feed, params)
+        iterator = ChangesIterator(self, since, feed, params)
+        if iterator._follower is not None:
+            self._followers = [f for f in self._followers if f.running]
+            self._followers.append(iterator._follower)
+        return iterator
 
     def stop(self) -> None:
         """Stop the continuous feed and save the checkpoint. Thread-safe; idempotent.
@@ -409,13 +429,42 @@ class Consumer:
         self._fail(exc)
 
     def _connect(self) -> None:
-        if self._state != _CONNECTING and self._state != _BACKOFF:
-            return
+        if (self._state != _CONNECTING and self._state != _BACKOFF) or self._stream is not None:
+            return  # stopped meanwhile, or a stale call from before a stop() and a new start()
         self._state = _CONNECTING
         self._timer = None
+        self._connected_at = None
+        loop = self.loop
+        self._last_activity = loop.time()
+        resolving = self._since == "now"  # ask where "now" is first; follow from there next
+        try:
+            # Any step may fail, the session login of Server(session=True) (a blocking
+            # request) included: report it and retry or stop, never stay "connecting" for ever.
+            stream = self._stream = self._open_stream(resolving)
+            if not resolving:
+                self.connections += 1
+            stream.start()
+        except Exception as exc:
+            self._fail(exc)
+            return
+        self._register(stream)
+        self._timer = loop.call_later(self.connect_timeout, self._check_connect, stream)
+        logger.debug("%s: connecting (since=%r)", self.db.name, self._since)
+
+    def _feed_path(self) -> str:
+        """The path of the feed followed; a subclass may follow another one (``_db_updates``)."""
+        return self.db.path + "/_changes"
+
+    def _request(self, feed: str, since: Any, params: Dict[str, Any]) -> ChangesRequest:
+        return changes_request(self.db.path, feed, since, params)._replace(path=self._feed_path())
+
+    def _open_stream(self, resolving: bool) -> FeedStream:
         server = self.db.server
         endpoint = server._endpoint
-        request = changes_request(self.db.path, "continuous", self._since, self._params)
+        if resolving:
+            request = self._request("normal", "now", {})
+        else:
+            request = self._request("continuous", self._since, self._params)
         target = endpoint.prefix + request.path + "?" + encode_query(request.query)
         headers = server.request_headers()
         if request.body is not None:
@@ -426,26 +475,14 @@ class Consumer:
         connection = NonBlockingConnection(
             endpoint.host, endpoint.port, ssl_context=endpoint.ssl_context
         )
-        stream = FeedStream(
+        return FeedStream(
             connection,
             data,
             server.url + request.path,
             max_line_bytes=self.max_line_bytes,
             method=request.method,
+            document=resolving,
         )
-        self._stream = stream
-        self.connections += 1
-        loop = self.loop
-        self._last_activity = loop.time()
-        self._connected_at = None
-        try:
-            stream.start()
-        except ChangeloopError as exc:
-            self._fail(exc)
-            return
-        self._register(stream)
-        self._timer = loop.call_later(self.connect_timeout, self._check_connect, stream)
-        logger.debug("%s: connecting (since=%r)", self.db.name, self._since)
 
     def _register(self, stream: FeedStream) -> None:
         want = stream.want()
@@ -464,16 +501,36 @@ class Consumer:
         if stream is None:
             return
         loop = self.loop
+        decoder = stream.decoder
+        had_body = bool(decoder.rows or decoder.heartbeats)
         rows = stream.on_ready()
         self._last_activity = loop.time()
-        if self._connected_at is None and stream.response is not None:
-            self._on_connected(stream.response)
+        if stream.document is not None:
+            self._on_resolved(stream.document)
+            return
+        # Every user callback below may stop the consumer (or, failing, make it stop): after
+        # each one, a stream that is no longer ours means there is nothing left to do.
+        if self._connected_at is None:
+            if stream.streaming and not stream.one_shot:
+                self._on_connected()
+                if stream is not self._stream:
+                    return
+        elif not had_body and (decoder.rows or decoder.heartbeats):
+            self._arm_watchdog()  # the first body line came: the heartbeat allowance applies
         if rows:
             self._deliver(rows)
             if stream is not self._stream:
-                return  # stopped from a callback, or by a failing one
-        if not self._caught_up and stream.decoder.heartbeats:
-            self._report_caught_up(None)
+                return
+        last = stream.last_seq
+        if last is not None and last.seq is not None:
+            self._since = last.seq  # every row before it is delivered: resume from here
+        if not self._caught_up and (decoder.heartbeats or (last is not None and last.pending == 0)):
+            self._report_caught_up(None if last is None else last.pending)
+            if stream is not self._stream:
+                return
+        if stream.error is not None:
+            self._fail(stream.error)  # after what the same read brought before it
+            return
         if stream.ended:
             self._on_end(stream)
             return
@@ -482,13 +539,21 @@ class Consumer:
         if stream.has_buffered_bytes():
             loop.call_soon(self._on_ready)  # TLS holds bytes that select() will not report
 
-    def _on_connected(self, response: Response) -> None:
+    def _on_resolved(self, document: Dict[str, Any]) -> None:
+        """``since="now"`` has an answer: follow the continuous feed from that seq."""
+        seq = document.get("last_seq")
+        if seq is None:
+            self._fail(FeedError("the answer to since=now has no last_seq"))
+            return
+        self._close_stream()
+        self._since = seq
+        self._connect()
+
+    def _on_connected(self) -> None:
         loop = self.loop
         self._connected_at = loop.time()
         self._state = _STREAMING
-        if self._timer is not None:
-            self._timer.cancel()
-        self._arm_watchdog()
+        self._arm_watchdog()  # replaces the connect timer
         logger.info("%s: following changes since %r", self.db.name, self._since)
         self._report(self.on_connect, FeedEvent(self, "connect"))
 
@@ -509,6 +574,10 @@ class Consumer:
                     self._since = seq
                 self.delivered += 1
                 self._unsaved += 1
+                if self._unsaved >= self.checkpoint_every and self.checkpoint is not None:
+                    # Per change, not per batch: a read can bring thousands of rows, and a crash
+                    # must not replay more than checkpoint_every of them.
+                    self._save_checkpoint()
                 if self._stop_requested or (
                     self._limit is not None and self.delivered >= self._limit
                 ):
@@ -516,9 +585,10 @@ class Consumer:
                     return
         finally:
             self._delivering = False
-        if self.checkpoint is not None and (
-            self._unsaved >= self.checkpoint_every
-            or time.monotonic() - self._saved_at >= self.checkpoint_interval
+        if (
+            self.checkpoint is not None
+            and self._unsaved
+            and self.loop.time() - self._saved_at >= self.checkpoint_interval
         ):
             self._save_checkpoint()
 
@@ -537,19 +607,17 @@ class Consumer:
 
     def _on_end(self, stream: FeedStream) -> None:
         last = stream.last_seq
-        self._close_stream()
-        if last is None:
-            self._fail(ChangeloopError("the server ended the feed without a last_seq line"))
+        if last is None:  # a proxy's cut, or a server that is not CouchDB: resume after a backoff
+            self._fail(FeedError("the server ended the feed without a last_seq line"))
             return
-        if last.seq is not None:
-            self._since = last.seq
-        if not self._caught_up and last.pending == 0:
-            self._report_caught_up(0)
         if self._limit is not None:
             self._finish(None)  # the server applied the limit
             return
+        self._close_stream()
         logger.debug("%s: the server ended the feed at %r; resuming", self.db.name, last.seq)
         self._report(self.on_disconnect, FeedEvent(self, "disconnect"))
+        if self._state == _STOPPED:
+            return  # stopped by the on_disconnect callback
         self._state = _BACKOFF
         self.loop.call_soon(self._connect)
 
@@ -657,8 +725,8 @@ class Consumer:
 
     def _save_checkpoint(self) -> None:
         self._unsaved = 0
-        self._saved_at = time.monotonic()
-        if self._since is not None and self.checkpoint is not None:
+        self._saved_at = self.loop.time()
+        if self._since not in (None, "now") and self.checkpoint is not None:
             self.checkpoint.save(self._since)
 
     def _report(self, callback: Optional[Callable[[FeedEvent], Any]], event: FeedEvent) -> None:
@@ -679,25 +747,39 @@ def _is_fatal(exc: BaseException) -> bool:
 
 
 class ChangesIterator:
-    """The iterator :meth:`Consumer.changes` returns; see there."""
+    """The iterator :meth:`Consumer.changes` returns; see there.
+
+    A continuous feed runs on a second consumer with the first one's settings (its callbacks
+    queue the rows here). With a checkpoint store, what is saved is the seq of the last change
+    :meth:`__next__` *returned*, not the last one queued: changes dropped by :meth:`close` are
+    delivered again next time.
+    """
 
     def __init__(self, consumer: Consumer, since: Any, feed: str, params: Dict[str, Any]) -> None:
         self._queue: Deque[Change] = collections.deque()
         self._one_shot: Optional[Iterator[Change]] = None
         self._follower: Optional[Consumer] = None
+        self._returned_seq: Any = None  # the seq of the last change handed out
         if feed == "continuous":
+            checkpoint = consumer.checkpoint
             follower = Consumer(
                 consumer.db,
                 consumer.loop,
-                checkpoint=consumer.checkpoint,
+                checkpoint=None if checkpoint is None else _ReturnedSeq(checkpoint, self),
                 on_error=consumer.on_error,
                 on_connect=consumer.on_connect,
                 on_disconnect=consumer.on_disconnect,
                 on_caught_up=consumer.on_caught_up,
                 reconnect_base=consumer.reconnect_base,
                 reconnect_cap=consumer.reconnect_cap,
+                healthy_after=consumer.healthy_after,
                 watchdog_heartbeats=consumer.watchdog_heartbeats,
+                first_byte_timeout=consumer.first_byte_timeout,
+                connect_timeout=consumer.connect_timeout,
+                checkpoint_every=consumer.checkpoint_every,
+                checkpoint_interval=consumer.checkpoint_interval,
                 max_line_bytes=consumer.max_line_bytes,
+                rng=consumer._rng,
             )
             follower.start(self._queue.append, since, **params)
             self._follower = follower
@@ -720,10 +802,13 @@ class ChangesIterator:
                     raise follower.error
                 raise StopIteration
             follower.loop.run_once(None)
-        return self._queue.popleft()
+        change = self._queue.popleft()
+        if change.get("seq") is not None:
+            self._returned_seq = change["seq"]
+        return change
 
     def close(self) -> None:
-        """Stop following; the changes already received are dropped."""
+        """Stop following; the changes already received but not returned are dropped."""
         if self._follower is not None:
             self._follower.stop()
         self._queue.clear()
@@ -733,3 +818,20 @@ class ChangesIterator:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _ReturnedSeq:
+    """A checkpoint store seen through a :class:`ChangesIterator`: it saves the seq of the last
+    change the iteration returned, whatever seq the consumer behind it has reached."""
+
+    def __init__(self, store: Any, iterator: ChangesIterator) -> None:
+        self._store = store
+        self._iterator = iterator
+
+    def load(self) -> Any:
+        return self._store.load()
+
+    def save(self, seq: Any) -> None:
+        returned = self._iterator._returned_seq
+        if returned is not None:
+            self._store.save(returned)

@@ -126,6 +126,9 @@ class FakeCouch:
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
                 )
+            elif path == "/_db_updates" and "feed=normal" in target.decode():
+                body = b'{"results":[\n\n],\n"last_seq":"0-g1AAAA"}\n'
+                sock.sendall(self.HEAD + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
             elif path == "/_db_updates":
                 self._stream_updates(sock)
                 return
@@ -194,9 +197,14 @@ def test_db_updates_create_update_delete_and_reconnect(fake: FakeCouch) -> None:
     with Loop() as loop, Server(fake.url) as server:
         watcher = DatabaseWatcher(server, lambda name, change: None, loop, match="userdb-*")
         watcher.start()
-        first = feeds_requested(fake, loop, 4)
+        first = feeds_requested(fake, loop, 5)
         assert first[0] == "/_all_dbs"
-        assert sorted(first[1:]) == ["/_db_updates", "/userdb-a/_changes", "/userdb-b/_changes"]
+        assert sorted(first[1:]) == [
+            "/_db_updates",  # feed=normal&since=now: where "now" is
+            "/_db_updates",
+            "/userdb-a/_changes",
+            "/userdb-b/_changes",
+        ]
         assert watcher.mode == "db_updates" and watcher.active() == ["userdb-a", "userdb-b"]
 
         fake.push("userdb-c", "created", "1-g1AAAA")
