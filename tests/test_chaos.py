@@ -241,6 +241,12 @@ def test_heals_after_max_faults_and_inject_now() -> None:
                 while len(received) < len(FEED):
                     received += sock.recv(65536)
                 assert received == FEED
+                # The two cut connections wind down in their own threads: wait (bounded) until
+                # only this one is open, so the count below is exact.
+                deadline = time.monotonic() + 5
+                while sum(not link.done for link in proxy._links) > 1:
+                    assert time.monotonic() < deadline, "earlier connections never finished"
+                    time.sleep(0.01)
                 assert proxy.inject_now("cut") == 1  # an explicit fault fires even when healed
                 assert sock.recv(65536) == b""
             assert proxy.faults_by_kind == {"cut": 3, "delay": 2}
