@@ -26,7 +26,6 @@ from ._request import basic_auth_value, serialize_request
 from ._version import __version__
 from .errors import (
     HTTPError,
-    NetworkError,
     ProtocolError,
     ReadError,
     http_error_from_body,
@@ -390,7 +389,7 @@ class Server:
             reused = connection.used
             try:
                 head, data = connection.exchange(method, request, timeout)
-            except (NetworkError, ProtocolError):
+            except BaseException:  # a failure, or Ctrl-C mid-request: the connection is spent
                 connection.close()
                 raise
             if head is None:

@@ -1,0 +1,570 @@
+"""The ``changeloop`` command: follow databases' ``_changes`` feeds, one JSON line per change.
+
+Strategy: one :class:`~changeloop.loop.Loop` on the main thread and one
+:class:`~changeloop.consumer.Consumer` per database (a
+:class:`~changeloop.watcher.DatabaseWatcher` for ``--all-dbs``). The change callback writes and
+flushes a line before it returns, so a change is out before its seq can be checkpointed. The
+lifecycle callbacks turn reconnections and errors into one stderr line each and decide the exit
+code; the library's own log, which would say the same things, is muted unless ``-v`` asks for it.
+SIGINT and SIGTERM only ask the loop to stop (stopping saves the checkpoints); outside the loop
+they interrupt.
+"""
+
+import argparse
+import contextlib
+import functools
+import json
+import logging
+import netrc
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
+
+from . import _transport
+from ._version import __version__
+from .checkpoint import FileCheckpoint
+from .client import Database, Server
+from .consumer import Consumer, FeedEvent
+from .errors import CallbackError, ChangeloopError, NetworkError, NotFound, TLSError, Unauthorized
+from .loop import Loop
+from .watcher import DatabaseWatcher
+
+__all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_FATAL", "EXIT_GAVE_UP", "EXIT_INTERRUPTED"]
+
+LOG = logging.getLogger("changeloop.cli")  # named explicitly: under `python -m` it is __main__
+
+EXIT_OK = 0  # stopped cleanly: --limit, a one-shot feed printed, Ctrl-C/SIGTERM while following
+EXIT_USAGE = 2  # argparse's code for a bad command line
+EXIT_FATAL = 3  # the server refused (4xx), TLS failed, the checkpoint file is unreadable
+EXIT_GAVE_UP = 4  # the network (or 5xx) kept failing past --max-retries; a one-shot request failed
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT: interrupted before following, or forced
+
+#: Seconds between redraws of the terminal's progress line: often enough to look alive.
+PROGRESS_EVERY_S = 0.25
+
+EPILOG = """\
+examples:
+  changeloop http://127.0.0.1:5984/orders                  follow a database from its start
+  changeloop --since now URL1 URL2 | jq -c '[.db, .id]'    two databases: lines carry "db"
+  changeloop --feed normal --include-docs URL > dump.ndjson
+  changeloop --checkpoint orders.seq --max-retries 10 URL  resume where the last run stopped
+  changeloop --all-dbs 'userdb-*' --shard 0/4 http://127.0.0.1:5984
+  changeloop --filter app/important --param level=high URL
+  changeloop --selector '{"type": "order"}' URL
+
+output: one JSON object per change, one per line, flushed per line. With several databases or
+--all-dbs each object starts with the database's name: {"db": "orders", "seq": ..., "id": ...}.
+
+credentials: user:password@ in the URL (with a warning: command lines are visible to other
+users), else COUCHDB_USER and COUCHDB_PASSWORD, else ~/.netrc (by host). Never printed.
+
+exit codes:
+  0    stopped cleanly: --limit reached, a normal/longpoll feed printed, or Ctrl-C/SIGTERM while
+       following (every feed stopped, the last seq checkpointed)
+  2    bad command line or URL
+  3    the server refused (400, 401, 403, 404...), TLS or certificate failure, bad checkpoint
+  4    gave up: a feed still failed after --max-retries retries (unreachable server, 5xx), or a
+       normal/longpoll request (or --all-dbs' database list) failed on the network
+  130  interrupted before following began, during a one-shot request, or by a second signal"""
+
+# One row per option, in --help order: (flags, argparse keyword arguments). A table reads best
+# aligned, so the formatter leaves it alone.
+OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any]]] = [
+    (("url",), {"nargs": "*", "metavar": "URL", "help": "a database, http(s)://host:port/[prefix/]db"
+        " (the last path segment is its name, percent-decoded); with --all-dbs, a server"}),
+    (("--since",), {"default": "0", "metavar": "SEQ", "help": "start after SEQ: 0 (the default: "
+        "every change), now, or a seq printed before; a --checkpoint's seq wins"}),
+    (("--feed",), {"default": "continuous", "choices": ["continuous", "normal", "longpoll"],
+        "help": "continuous (the default) follows until stopped; normal prints the changes so far "
+        "and exits; longpoll waits for the next ones (one database), prints them and exits"}),
+    (("--filter",), {"metavar": "DDOC/NAME", "help": "only what this filter function lets pass"}),
+    (("--param",), {"action": "append", "default": [], "metavar": "K=V",
+        "help": "a parameter for --filter, in its req.query (repeatable)"}),
+    (("--doc-id",), {"action": "append", "dest": "doc_ids", "metavar": "ID",
+        "help": "only this document (repeatable)"}),
+    (("--selector",), {"metavar": "JSON", "help": "only documents matching this Mango selector"}),
+    (("--include-docs",), {"action": "store_true", "help": "include each document"}),
+    (("--style",), {"choices": ["main_only", "all_docs"], "help": "all_docs: conflicts too"}),
+    (("--limit",), {"type": int, "metavar": "N", "help": "stop after N changes in all"}),
+    (("--heartbeat",), {"type": int, "metavar": "MS", "help": "the heartbeat to ask for, in "
+        "milliseconds (default 30000)"}),
+    (("--checkpoint",), {"metavar": "FILE", "help": "resume after the seq saved in FILE, and "
+        "save the last one printed there (one entry per database URL)"}),
+    (("--all-dbs",), {"nargs": "?", "const": "", "metavar": "PATTERN", "help": "follow the "
+        "server's databases matching the glob PATTERN (default: all but _system ones) and "
+        "new ones"}),
+    (("--shard",), {"metavar": "I/N", "help": "with --all-dbs: only shard I of N (0 <= I < N)"}),
+    (("--max-retries",), {"type": int, "default": 0, "metavar": "N", "help": "retry a failing "
+        "feed N times in a row, then give up (exit 4); 0 (the default) retries forever"}),
+    (("--cacert",), {"metavar": "FILE", "help": "trust the CA certificates in FILE (PEM)"}),
+    (("--insecure",), {"action": "store_true", "help": "do not verify TLS certificates: anyone "
+        "on the way can read and change the traffic (for tests)"}),
+    (("-v", "--verbose"), {"action": "count", "default": 0, "help": "say more (-vv: debug)"}),
+    (("-q", "--quiet"), {"action": "count", "default": 0, "help": "errors only"}),
+    (("--version",), {"action": "version", "version": "changeloop " + __version__}),
+]  # fmt: skip
+
+
+class UsageError(Exception):
+    """A bad command line found after parsing; argparse reports it (exit 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, from :data:`OPTIONS`."""
+    parser = argparse.ArgumentParser(
+        prog="changeloop",
+        description="Follow CouchDB _changes feeds; print one JSON line per change.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for flags, options in OPTIONS:
+        parser.add_argument(*flags, **options)
+    return parser
+
+
+def redact(url: str) -> str:
+    """``url`` without its ``user:password@``, for messages."""
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    return scheme + sep + host.rpartition("@")[2] + slash + path if sep else url
+
+
+def split_url(text: str, with_db: bool) -> Tuple[str, Optional[str], SplitResult]:
+    """Return the server's URL without credentials, the database's name, and the parts."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise UsageError("bad URL %s: %s" % (redact(text), exc)) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError("not an http:// or https:// URL with a host: %s" % redact(text))
+    if parts.query or parts.fragment:
+        raise UsageError("a URL cannot have a query or a fragment: %s" % redact(text))
+    path, name = parts.path.rstrip("/"), None
+    if with_db:
+        path, _, segment = path.rpartition("/")
+        if not segment:
+            raise UsageError("no database in %s (--all-dbs follows a server)" % redact(text))
+        name = unquote(segment)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, path, "", "")), name, parts
+
+
+def find_credentials(parts: SplitResult) -> Optional[Tuple[str, str]]:
+    """The URL's credentials (with a warning), else the environment's, else ``~/.netrc``'s."""
+    if parts.username is not None:
+        LOG.warning(
+            "credentials in a URL are visible to other users of this machine; "
+            "prefer COUCHDB_USER/COUCHDB_PASSWORD or ~/.netrc"
+        )
+        return unquote(parts.username), unquote(parts.password or "")
+    user = os.environ.get("COUCHDB_USER")
+    if user:
+        return user, os.environ.get("COUCHDB_PASSWORD", "")
+    try:
+        entry = netrc.netrc().authenticators(parts.hostname or "")
+    except FileNotFoundError:
+        return None
+    except (OSError, netrc.NetrcParseError) as exc:
+        LOG.warning("ignoring ~/.netrc: %s", exc)
+        return None
+    return None if entry is None else (entry[0], entry[2] or "")
+
+
+def parse_since(text: str) -> Any:
+    """``now``, a number, a JSON array, or an opaque (CouchDB 2+) string seq, as given."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, (int, list)) and not isinstance(value, bool) else text
+
+
+def feed_params(args: argparse.Namespace) -> Dict[str, Any]:
+    """The ``_changes`` parameters, filters included, that the options ask for."""
+    if sum(x is not None for x in (args.filter, args.doc_ids, args.selector)) > 1:
+        raise UsageError("choose one of --filter, --doc-id and --selector")
+    if args.param and args.filter is None:
+        raise UsageError("--param is for --filter")
+    params: Dict[str, Any] = {}
+    for pair in args.param:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError("--param takes K=V, not %r" % pair)
+        params[key] = value
+    if args.selector is not None:
+        try:
+            params["selector"] = json.loads(args.selector)
+        except ValueError as exc:
+            raise UsageError("--selector is not JSON: %s" % exc) from None
+        if not isinstance(params["selector"], dict):
+            raise UsageError("--selector must be a JSON object")
+    named = {"filter_name": args.filter, "doc_ids": args.doc_ids, "style": args.style}
+    params.update((k, v) for k, v in named.items() if v is not None)
+    if args.heartbeat is not None:
+        params["heartbeat"] = args.heartbeat
+    if args.include_docs:
+        params["include_docs"] = True
+    return params
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The rules argparse cannot express. ``--all-dbs URL`` takes the URL for the optional
+    pattern: it is moved back."""
+    if args.all_dbs is not None and "://" in args.all_dbs:
+        args.url.insert(0, args.all_dbs)
+        args.all_dbs = ""
+    if not args.url:
+        raise UsageError("give at least one URL")
+    if args.all_dbs is not None and len(args.url) != 1:
+        raise UsageError("--all-dbs takes exactly one server URL")
+    if args.feed == "longpoll" and (args.all_dbs is not None or len(args.url) > 1):
+        raise UsageError("--feed longpoll waits on one database; follow several continuously")
+    for name in ("limit", "heartbeat"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError("--%s must be at least 1" % name)
+    if args.max_retries < 0:
+        raise UsageError("--max-retries must be 0 (forever) or more")
+    if args.shard is not None:
+        if args.all_dbs is None:
+            raise UsageError("--shard is for --all-dbs")
+        i, _, n = args.shard.partition("/")
+        if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+            raise UsageError("--shard takes I/N with 0 <= I < N, not %r" % args.shard)
+        args.shard = (int(i), int(n))
+    if args.insecure and args.cacert:
+        raise UsageError("choose --cacert or --insecure, not both")
+
+
+class Progress:
+    """The catching-up line on a terminal's stderr: changes so far and their rate, redrawn as
+    changes arrive (at most every :data:`PROGRESS_EVERY_S`) until every feed has caught up."""
+
+    def __init__(self, consumers: List[Consumer]) -> None:
+        self.waiting = {id(consumer) for consumer in consumers}
+        self.rows = 0
+        self.started = self.drawn = time.monotonic()
+        self.shown = False
+
+    def count(self) -> None:
+        self.rows += 1
+        now = time.monotonic()
+        if self.waiting and now - self.drawn >= PROGRESS_EVERY_S:
+            rate = self.rows / (now - self.started)
+            # \r: back to the line's start; ESC [K: erase what a longer line left there
+            sys.stderr.write("\rcatching up: %d changes, %.0f/s\x1b[K" % (self.rows, rate))
+            sys.stderr.flush()
+            self.drawn, self.shown = now, True
+
+    def caught_up(self, consumer: Consumer) -> None:
+        self.waiting.discard(id(consumer))
+        if not self.waiting:
+            self.clear()
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+class StderrHandler(logging.Handler):
+    """One line per record, ``changeloop: [warning: |error: ]message``; erases the progress."""
+
+    PREFIXES = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "error: "}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress: Optional[Progress] = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if self.progress is not None:
+                self.progress.clear()
+            prefix = self.PREFIXES.get(record.levelno, "")
+            sys.stderr.write("changeloop: %s%s\n" % (prefix, record.getMessage()))
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def hint(error: BaseException) -> str:
+    """What to try next, for the failures a user can fix."""
+    if isinstance(error, Unauthorized):
+        return "; check the credentials (COUCHDB_USER/COUCHDB_PASSWORD, ~/.netrc, the URL)"
+    if isinstance(error, TLSError) and "certificate" in str(error):
+        return "; --cacert FILE trusts a private CA"
+    return ""
+
+
+def exit_code(error: BaseException) -> int:
+    network = isinstance(error, NetworkError) and not isinstance(error, TLSError)
+    return EXIT_GAVE_UP if network else EXIT_FATAL
+
+
+class Command:
+    """One run: the databases, their consumers, the output, and what ended it."""
+
+    def __init__(self, args: argparse.Namespace, handler: StderrHandler) -> None:
+        self.args = args
+        self.handler = handler
+        self.params = feed_params(args)
+        self.since = parse_since(args.since)
+        context = None
+        if args.insecure:
+            LOG.warning("--insecure: TLS certificates are not verified")
+            context = _transport.make_ssl_context(verify=False)
+        elif args.cacert:
+            try:
+                context = _transport.make_ssl_context(cafile=args.cacert)
+            except OSError as exc:  # ssl.SSLError is one
+                raise UsageError("cannot load --cacert %s: %s" % (args.cacert, exc)) from None
+        self.servers: Dict[Tuple[str, Any], Server] = {}
+        self.targets: List[Tuple[Server, Optional[str]]] = []  # name None: every database
+        for url in args.url:
+            base, name, parts = split_url(url, with_db=args.all_dbs is None)
+            auth = find_credentials(parts)
+            if (base, auth) not in self.servers:
+                self.servers[base, auth] = Server(base, auth=auth, ssl_context=context)
+            self.targets.append((self.servers[base, auth], name))
+        self.tagged = args.all_dbs is not None or len(self.targets) > 1
+        self.loop = Loop()
+        self.consumers: List[Consumer] = []
+        self.watcher: Optional[DatabaseWatcher] = None
+        self.progress: Optional[Progress] = None
+        self.printed = 0
+        self.failures: Dict[str, int] = {}  # failed connection attempts in a row, by database
+        self.exit_code = EXIT_OK
+        self.following = False
+        self.stop_asked = False
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.close()
+        for server in self.servers.values():
+            server.close()
+
+    def store(self, db: Database) -> Optional[FileCheckpoint]:
+        if self.args.checkpoint is None:
+            return None
+        return FileCheckpoint(self.args.checkpoint, key=db.server.url + "/" + quote(db.name, ""))
+
+    def emit(self, name: str, change: Dict[str, Any]) -> None:
+        """Print a change: the consumers' callback."""
+        if self.tagged:
+            change = {"db": name, **change}
+        sys.stdout.write(json.dumps(change) + "\n")
+        sys.stdout.flush()  # before the callback returns, as only then may its seq be saved
+        self.printed += 1
+        if self.progress is not None:
+            self.progress.count()
+        if self.args.limit is not None and self.printed >= self.args.limit:
+            self.stop()
+
+    def run(self) -> int:
+        if self.args.feed != "continuous":
+            return self.one_shot()
+        options: Dict[str, Any] = {
+            "on_error": self.on_error,
+            "on_connect": self.on_connect,
+            "on_disconnect": self.on_disconnect,
+            "on_caught_up": self.on_caught_up,
+        }
+        if self.args.all_dbs is not None:
+            self.watcher = DatabaseWatcher(
+                self.targets[0][0],
+                self.emit,
+                self.loop,
+                match=self.args.all_dbs or None,
+                shard=self.args.shard,
+                checkpoint=self.store,
+                since=self.since,
+                params=self.params,
+                consumer_options=options,
+            )
+            self.watcher.start()
+        for server, name in self.targets if self.watcher is None else []:
+            assert name is not None
+            db = server.get_db(name)
+            consumer = Consumer(db, self.loop, checkpoint=self.store(db), **options)
+            consumer.start(functools.partial(self.emit, name), self.since, **self.params)
+            self.consumers.append(consumer)
+        if sys.stderr.isatty():
+            watched = list(self.watcher.consumers.values()) if self.watcher is not None else []
+            self.progress = self.handler.progress = Progress(self.consumers + watched)
+        self.following = True
+        try:
+            self.loop.run()
+        finally:
+            self.following = False
+        return self.exit_code
+
+    def one_shot(self) -> int:
+        """``--feed normal`` or ``longpoll``: print one answer per database, save, exit."""
+        for db in self.databases():
+            params = dict(self.params)
+            if self.args.limit is not None:
+                params["limit"] = self.args.limit - self.printed
+            store = self.store(db)
+            saved = store.load() if store is not None else None
+            consumer = Consumer(db)
+            request = consumer.wait_once if self.args.feed == "longpoll" else consumer.fetch
+            result = request(self.since if saved is None else saved, **params)
+            rows = result.get("results", [])
+            for row in rows:
+                self.emit(db.name, row)
+            if store is not None:  # a limited answer's last_seq may lie beyond its last row
+                limited = "limit" in params and len(rows) >= params["limit"]
+                store.save(rows[-1]["seq"] if limited else result.get("last_seq"))
+            if self.args.limit is not None and self.printed >= self.args.limit:
+                break
+        return EXIT_OK
+
+    def databases(self) -> Iterator[Database]:
+        for server, name in self.targets:
+            if name is not None:
+                yield server.get_db(name)
+                continue
+            match, shard = self.args.all_dbs or None, self.args.shard
+            watcher = DatabaseWatcher(server, self.emit, self.loop, match=match, shard=shard)
+            for found in server.all_dbs():
+                if watcher.wants(found):
+                    yield server.get_db(found)
+
+    def stop(self) -> None:
+        """Stop every feed (each saves its checkpoint) and the loop. The loop's thread only."""
+        if self.watcher is not None:
+            self.watcher.stop()
+        for consumer in self.consumers:
+            consumer.stop()
+        if self.progress is not None:
+            self.progress.clear()
+            self.progress.waiting.clear()
+        if self.loop.is_running():
+            self.loop.stop()
+
+    def fail(self, code: int, message: str) -> None:
+        if self.exit_code == EXIT_OK:  # the first failure decides
+            self.exit_code = code
+            LOG.error("%s", message)
+        self.stop()
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if self.following and not self.stop_asked:
+            self.stop_asked = True  # and no logging: the signal may have come inside a log call
+            self.loop.call_soon_threadsafe(self.stop)
+            return
+        raise KeyboardInterrupt  # set-up, a one-shot request, or a second signal
+
+    # -- the consumers' lifecycle callbacks ------------------------------------------------
+
+    def on_error(self, event: FeedEvent) -> None:
+        name, error = event.consumer.db.name, event.error
+        if isinstance(error, CallbackError) and isinstance(error.__cause__, BrokenPipeError):
+            quiet_stdout()  # the reader went away (`| head`): a clean stop
+            self.stop()
+        elif event.will_retry:
+            count = self.failures[name] = self.failures.get(name, 0) + 1
+            if self.args.max_retries and count > self.args.max_retries:
+                retries = self.args.max_retries
+                self.fail(EXIT_GAVE_UP, "%s: %s; gave up after %d retries" % (name, error, retries))
+            else:
+                LOG.warning("%s: %s; retrying in %.2f s", name, error, event.retry_in or 0.0)
+        elif self.watcher is not None and isinstance(error, NotFound):
+            LOG.warning("%s: %s; no longer following it", name, error)
+        elif error is not None:
+            self.fail(exit_code(error), "%s: %s%s" % (name, error, hint(error)))
+
+    def on_connect(self, event: FeedEvent) -> None:
+        name = event.consumer.db.name
+        level = logging.WARNING if self.failures.pop(name, 0) else logging.INFO
+        LOG.log(level, "%s: connected, following changes after %s", name, json.dumps(event.seq))
+
+    def on_disconnect(self, event: FeedEvent) -> None:
+        if event.error is None:  # after an error, on_error has said it
+            LOG.info("%s: disconnected at %s", event.consumer.db.name, json.dumps(event.seq))
+
+    def on_caught_up(self, event: FeedEvent) -> None:
+        LOG.info("%s: caught up at %s", event.consumer.db.name, json.dumps(event.seq))
+        if self.progress is not None:
+            self.progress.caught_up(event.consumer)
+
+
+def quiet_stdout() -> None:
+    """Point stdout at the null device, so the exit's last flush cannot fail on a closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+@contextlib.contextmanager
+def logging_to_stderr(verbosity: int) -> Iterator[StderrHandler]:
+    """The CLI's log to stderr (and the library's, with ``-v``), for the ``with`` block."""
+    handler = StderrHandler()
+    package = logging.getLogger("changeloop")  # the library's loggers are its children
+    saved = (package.level, package.propagate, LOG.level)
+    package.addHandler(handler)
+    package.propagate = False
+    LOG.setLevel(logging.WARNING - 10 * max(-1, min(verbosity, 2)))  # -q: ERROR ... -vv: DEBUG
+    # The library's log says what the callbacks say, less readably: only with -v (-vv: all).
+    muted = logging.CRITICAL + 1
+    package.setLevel({1: logging.WARNING, 2: logging.DEBUG}.get(min(verbosity, 2), muted))
+    try:
+        yield handler
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(saved[0])
+        package.propagate = saved[1]
+        LOG.setLevel(saved[2])
+
+
+@contextlib.contextmanager
+def signals_to(command: Command) -> Iterator[None]:
+    """SIGINT and SIGTERM go to ``command.on_signal`` (from the main thread only: Python's rule)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, command.on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command with ``argv`` (``sys.argv[1:]`` by default); return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with logging_to_stderr(args.verbose - args.quiet) as handler:
+        started = time.monotonic()
+        try:
+            check_args(args)
+            command = Command(args, handler)
+        except UsageError as exc:
+            parser.error(str(exc))  # exits 2
+        with signals_to(command):
+            try:
+                code = command.run()
+            except KeyboardInterrupt:
+                code = EXIT_INTERRUPTED
+            except BrokenPipeError:
+                quiet_stdout()
+                code = EXIT_OK
+            except ChangeloopError as exc:
+                code = exit_code(exc)
+                LOG.error("%s%s", exc, hint(exc))
+            finally:
+                command.close()  # stops whatever still runs, so every checkpoint is saved
+        LOG.info("%d changes in %.1f s", command.printed, time.monotonic() - started)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
