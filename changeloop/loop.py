@@ -402,9 +402,22 @@ class Loop:
         return self._select_timeout(None)
 
     def stop(self) -> None:
-        """Make :meth:`run` return after the current pass. Any tier; thread-safe; idempotent."""
+        """Make :meth:`run` return after the current pass. Any tier; thread-safe; idempotent.
+
+        From another thread the request goes through :meth:`call_soon_threadsafe`, behind the
+        work that thread queued before it: ``consumer.stop(); loop.stop()`` stops the consumer
+        first. On a closed loop it does nothing.
+        """
+        if self._owner == threading.get_ident():
+            self._stopping = True
+            return
+        try:
+            self.call_soon_threadsafe(self._set_stopping)
+        except RuntimeError:
+            pass  # closed: nothing to stop
+
+    def _set_stopping(self) -> None:
         self._stopping = True
-        self._wake()
 
     def is_running(self) -> bool:
         """Return whether a run method is in progress. Thread-safe."""

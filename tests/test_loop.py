@@ -697,3 +697,17 @@ def test_context_manager_closes() -> None:
     with Loop() as loop:
         assert not loop.closed
     assert loop.closed
+
+
+def test_stop_from_another_thread_runs_after_work_queued_before_it() -> None:
+    # Regression: stop() only set a flag, so `consumer.stop(); loop.stop()` from another thread
+    # could end run() before the consumer's queued stop ran, leaving its socket open.
+    with Loop() as loop:
+        thread = loop.run_in_thread()
+        ran = []
+        for index in range(50):
+            loop.call_soon_threadsafe(ran.append, index)
+        loop.stop()
+        thread.join(5)
+        assert not thread.is_alive()
+        assert ran == list(range(50))
