@@ -7,15 +7,26 @@ byte by byte (observed through a raw socket): its headers, opaque string seqs, r
 that ends a feed on ``timeout`` or ``limit``. Every test also checks what the consumer *sent*.
 """
 
-import base64
 import contextlib
-import hashlib
 import json
-import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+from couch3 import (
+    COUCH_HEAD,
+    HEARTBEAT,
+    ROW_BYTES,
+    couch_end,
+    doc_id,
+    end_line,
+    feed,
+    normal_since_now,
+    row,
+    rows,
+    run_until,
+    seq,
+)
 from scripted import (
     LAST_CHUNK,
     Close,
@@ -36,86 +47,7 @@ pytestmark = pytest.mark.timeout(10)
 
 Change = Dict[str, Any]
 
-# -- CouchDB 3.5's bytes --------------------------------------------------------------------
-
-#: The head of every CouchDB 3.5 ``_changes`` response, in CouchDB's header order.
-COUCH_HEAD = (
-    b"HTTP/1.1 200 OK\r\n"
-    b"Cache-Control: must-revalidate\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Date: Sun, 22 Nov 2026 17:00:00 GMT\r\n"
-    b"Server: CouchDB/3.5.0 (Erlang OTP/25)\r\n"
-    b"Transfer-Encoding: chunked\r\n"
-    b"X-Couch-Request-ID: 5b6f0c2d9e\r\n"
-    b"X-CouchDB-Body-Time: 0\r\n"
-    b"\r\n"
-)
-#: A heartbeat, and also the chunk CouchDB sends when a feed opens idle or a batch follows.
-HEARTBEAT = b"1\r\n\n\r\n"
-assert chunk(b"\n") == HEARTBEAT
-#: Every row of these scripts is this long, so 7 rows make CouchDB's usual 1484-byte chunk.
-ROW_BYTES = 212
-
-
-def seq(n: int) -> str:
-    """A CouchDB 3 seq: ``<sum of shard seqs>-g1AAAA<base64url of the shard vector>``."""
-    prefix = "%d-g1AAAA" % n
-    digest = hashlib.sha512(str(n).encode()).digest() * 2
-    vector = base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
-    return prefix + vector[: 129 - len(prefix)]  # fixed length: see ROW_BYTES
-
-
-def doc_id(n: int) -> str:
-    return "doc-%03d" % n
-
-
-def row(n: int, seq_value: Any = "", *, crlf: bool = False) -> bytes:
-    """One continuous-feed row as CouchDB writes it, newline included."""
-    rev = "1-" + hashlib.md5(str(n).encode()).hexdigest()
-    value = seq(n) if seq_value == "" else seq_value
-    line = json.dumps(
-        {"seq": value, "id": doc_id(n), "changes": [{"rev": rev}]}, separators=(",", ":")
-    ).encode()
-    return line + (b"\r\n" if crlf else b"\n")
-
-
-def rows(*numbers: int) -> bytes:
-    return b"".join(row(n) for n in numbers)
-
-
-def end_line(last_seq: str, pending: int = 0) -> bytes:
-    """The line that ends a continuous feed on ``timeout`` or ``limit``."""
-    return b'{"last_seq":"%s","pending":%d}\n' % (last_seq.encode(), pending)
-
-
-def couch_end(last_seq: str, pending: int = 0) -> bytes:
-    """CouchDB's timeout end: the last_seq chunk, a ``\\n`` chunk, the last chunk."""
-    return chunk(end_line(last_seq, pending)) + HEARTBEAT + LAST_CHUNK
-
-
-def normal_since_now(last_seq: str) -> Script:
-    """CouchDB's answer to ``feed=normal&since=now``: no results, the current seq."""
-    body = chunk(b'{"results":[\n') + chunk(
-        b'\n],\n"last_seq":"%s","pending":0}\n' % last_seq.encode()
-    )
-    return [Read(), Send(COUCH_HEAD + body + HEARTBEAT + LAST_CHUNK), Stall()]
-
-
-def feed(*body: bytes, then: Optional[Any] = None) -> Script:
-    """Read the request, send the head and ``body``, then stall (or ``then``)."""
-    return [Read(), Send(COUCH_HEAD + b"".join(body)), then if then is not None else Stall()]
-
-
 # -- the rig --------------------------------------------------------------------------------
-
-
-def run_until(loop: Loop, condition: Callable[[], object], timeout: float = 3.0) -> None:
-    """Run loop passes until ``condition()`` holds; fail after ``timeout`` real seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within %.1f s" % timeout)
-        loop.run_once(0.01)
 
 
 class Rig:

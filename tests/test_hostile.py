@@ -7,9 +7,7 @@ without bound. Timer-driven behaviour (backoff, watchdog) runs on a fake clock, 
 while real sockets deliver the bytes, so no test sleeps through a timeout.
 """
 
-import base64
 import contextlib
-import hashlib
 import json
 import random
 import ssl
@@ -19,6 +17,16 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import trustme
+from couch3 import (
+    COUCH_HEAD,
+    HEARTBEAT,
+    doc_id,
+    feed,
+    row,
+    rows,
+    run_until,
+    seq,
+)
 from scripted import (
     LAST_CHUNK,
     Close,
@@ -63,46 +71,6 @@ pytestmark = pytest.mark.timeout(10)
 Change = Dict[str, Any]
 SEED = 20261122
 
-# -- CouchDB 3.5's bytes (see test_consumer_scripted.py for the full set) -------------------
-
-COUCH_HEAD = (
-    b"HTTP/1.1 200 OK\r\n"
-    b"Cache-Control: must-revalidate\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Server: CouchDB/3.5.0 (Erlang OTP/25)\r\n"
-    b"Transfer-Encoding: chunked\r\n"
-    b"X-Couch-Request-ID: 5b6f0c2d9e\r\n"
-    b"X-CouchDB-Body-Time: 0\r\n"
-    b"\r\n"
-)
-HEARTBEAT = b"1\r\n\n\r\n"
-
-
-def seq(n: int) -> str:
-    vector = base64.urlsafe_b64encode(hashlib.sha256(str(n).encode()).digest())
-    return "%d-g1AAAA%s" % (n, vector.decode("ascii").rstrip("="))
-
-
-def doc_id(n: int) -> str:
-    return "doc-%03d" % n
-
-
-def row(n: int) -> bytes:
-    rev = "1-" + hashlib.md5(str(n).encode()).hexdigest()
-    return b'{"seq":"%s","id":"%s","changes":[{"rev":"%s"}]}\n' % (
-        seq(n).encode(),
-        doc_id(n).encode(),
-        rev.encode(),
-    )
-
-
-def rows(*numbers: int) -> bytes:
-    return b"".join(row(n) for n in numbers)
-
-
-def feed(*body: bytes, then: Optional[Any] = None) -> Script:
-    return [Read(), Send(COUCH_HEAD + b"".join(body)), then if then is not None else Stall()]
-
 
 def error_response(status: int, error: str, reason: str) -> bytes:
     """An error answer as CouchDB 3 sends it: Content-Length framing, JSON body plus newline."""
@@ -135,15 +103,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def run_until(loop: Loop, condition: Callable[[], object], timeout: float = 3.0) -> None:
-    """Run loop passes until ``condition()`` holds; fail after ``timeout`` real seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within %.1f s" % timeout)
-        loop.run_once(0.01)
 
 
 def settle(loop: Loop, passes: int = 5) -> None:
