@@ -47,6 +47,9 @@ def _c_scanner() -> Optional[_ScanOnce]:
 
 #: Whether the fast path is available on this interpreter (CPython's ``_json`` C scanner).
 FAST_SCANNER = _c_scanner() is not None
+#: The C scanner, shared by every decoder: it keeps no state between calls (its memo is cleared
+#: after each), and one per feed would cost a decoder and a scanner object per feed.
+_SHARED_SCANNER = _c_scanner()
 
 
 class LastSeq(NamedTuple):
@@ -68,7 +71,7 @@ class LineDecoder:
         if max_line_bytes < 1:
             raise ValueError("max_line_bytes must be positive")
         self.max_line_bytes = max_line_bytes
-        self._scan: Optional[_ScanOnce] = _c_scanner() if fast else None
+        self._scan: Optional[_ScanOnce] = _SHARED_SCANNER if fast else None
         self._tail = b""  # an incomplete last line, waiting for its newline
         #: Heartbeat (empty) lines seen so far.
         self.heartbeats = 0

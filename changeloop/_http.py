@@ -61,12 +61,12 @@ class ResponseParser:
         self._method = _as_bytes(method).upper()
         self._head_scan = 0  # where the blank-line search resumes
         self._reader: Optional[BodyReader] = None
-        self._response: Optional[Response] = None
+        self._status: Optional[int] = None  # not the Response: its headers would outlive it
         self._received_any = False  # any byte of this response (for ConnectionClosed)
         self._consumed = 0  # bytes of this response consumed, for error positions
 
     def __repr__(self) -> str:
-        status = self._response.status_code if self._response else None
+        status = self._status
         return "<ResponseParser state=%s status=%s buffered=%d eof=%s>" % (
             self._state,
             status,
@@ -109,7 +109,7 @@ class ResponseParser:
         self._method = _as_bytes(method).upper()
         self._head_scan = 0
         self._reader = None
-        self._response = None
+        self._status = None
         self._received_any = bool(self._buf)
         self._consumed = 0
 
@@ -170,9 +170,9 @@ class ResponseParser:
                 continue  # RFC 9110 §15.2: interim responses precede the final one; skip them
             self._reader, reusable = pick_reader(version, status, headers, self._method)
             keep_alive = reusable and _keep_alive(version, headers)
-            self._response = Response(status, reason, version, headers, keep_alive)
+            self._status = status
             self._state = _BODY
-            return self._response
+            return Response(status, reason, version, headers, keep_alive)
 
     # -- body ------------------------------------------------------------------------------
 

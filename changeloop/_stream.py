@@ -26,6 +26,8 @@ __all__ = ["FeedStream", "RECV_BYTES", "MAX_RECVS_PER_READ"]
 
 #: Bytes asked of one ``recv``: big enough that a catching-up feed needs few system calls.
 RECV_BYTES = 256 * 1024
+_SENT = memoryview(b"")
+
 #: ``recv`` calls per readiness event before yielding to other feeds on the loop (fairness):
 #: a feed that is catching up cannot hold the loop for more than this many buffers.
 MAX_RECVS_PER_READ = 8
@@ -74,8 +76,9 @@ class FeedStream:
         self.decoder = LineDecoder(max_line_bytes)
         self.state = _CONNECTING
         self._want = Want.WRITE
-        #: The response head, once it arrived.
-        self.response: Optional[Response] = None
+        #: The response's status code, once its head arrived (0 before). Only the status is
+        #: kept: the head's header list would cost about 1 KB for as long as the feed lives.
+        self.status_code = 0
         #: Bytes received so far, framing included.
         self.bytes_received = 0
         self._error_status = 0
@@ -108,7 +111,7 @@ class FeedStream:
     @property
     def streaming(self) -> bool:
         """Whether a ``200`` response head arrived: the feed itself is flowing."""
-        return self.response is not None and not self._error_status
+        return self.status_code != 0 and not self._error_status
 
     @property
     def last_seq(self) -> Optional[LastSeq]:
@@ -190,6 +193,7 @@ class FeedStream:
             ) from exc
         self._request = self._request[sent:]
         if not self._request:
+            self._request = _SENT  # the empty slice would keep the whole request alive
             self.state = _RECEIVING
             self._want = Want.READ
         elif self.connection.wants_write:
@@ -227,7 +231,7 @@ class FeedStream:
                 else:
                     self.decoder.feed_into(event.data, rows)
             elif isinstance(event, Response):
-                self.response = event
+                self.status_code = event.status_code
                 if event.status_code != 200:
                     self._error_status = event.status_code
             elif isinstance(event, EndOfMessage):

@@ -76,6 +76,7 @@ class Handle:
     def cancel(self) -> None:
         """Keep the callback from running if it has not run yet. Idempotent; not thread-safe."""
         self._cancelled = True
+        self._args = ()  # see TimerHandle.cancel
 
     def _run(self) -> None:
         try:
@@ -113,6 +114,10 @@ class TimerHandle(Handle):
         """Keep the timer from firing if it has not fired yet. Idempotent; not thread-safe."""
         if not self._cancelled:
             self._cancelled = True
+            # A cancelled timer stays in the heap until it comes due or the heap is rebuilt
+            # (lazy cancellation), up to connect_timeout later: let go of its arguments now,
+            # or a consumer's cancelled connect timer keeps a whole closed FeedStream alive.
+            self._args = ()
             if self._in_heap:
                 self._loop._timer_cancelled()
 

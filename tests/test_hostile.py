@@ -856,7 +856,8 @@ def test_resolving_since_now_does_not_block_the_loop() -> None:
         flowing.start(lambda change: seen.append(change["id"]), since=0)
         run_until(loop, lambda: len(seen) == 2)
         assert waiting.state == "connecting" and waiting.connections == 0
-        assert slow_srv.requests[0].target == "/db/_changes?feed=normal&since=now"
+        # The server's thread records the request in its own time: wait for it (bounded).
+        assert slow_srv.wait_for_requests(1)[0].target == "/db/_changes?feed=normal&since=now"
     assert seen == [doc_id(1), doc_id(2)]
 
 
