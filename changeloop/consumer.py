@@ -20,7 +20,8 @@ at-least-once.
 import collections
 import logging
 import random
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
+import weakref
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set
 
 from ._feed import MAX_LINE_BYTES, decode_document
 from ._params import DEFAULT_HEARTBEAT_MS, ChangesRequest, changes_request, heartbeat_seconds
@@ -68,6 +69,14 @@ CHECKPOINT_EVERY_S = 5.0
 #: ``random.Random`` holds a 2.5 KB Mersenne Twister state, more than the rest of an idle feed.
 _SHARED_RNG = random.Random()
 
+#: How many consumers of one loop may be connecting at once (TCP, TLS, the request, the response
+#: head, and the since=now question); the others wait their turn, in order. Starting 10,000
+#: feeds would otherwise open 10,000 connections in one pass: the server's listen backlog
+#: overflows (dropped SYNs are retried a second later), CouchDB gets a thundering herd, and the
+#: short-lived objects of 10,000 simultaneous connections fragment the heap for good (about 2 KB
+#: of resident memory per feed, measured by benchmarks/bench_scale.py).
+MAX_CONNECTING_PER_LOOP = 100
+
 #: Statuses after which retrying is pointless: the request itself is wrong or not allowed.
 FATAL_STATUSES = frozenset([400, 401, 403, 404, 405, 406, 409, 412, 413, 415])
 
@@ -78,6 +87,21 @@ _IDLE, _CONNECTING, _STREAMING, _BACKOFF, _STOPPED = (
     "backoff",
     "stopped",
 )
+
+
+class _ConnectGate:
+    """The consumers of one loop that are connecting, and those waiting for their turn."""
+
+    __slots__ = ("connecting", "waiting", "queued", "__weakref__")
+
+    def __init__(self) -> None:
+        self.connecting: Set[Consumer] = set()
+        self.waiting: Deque[Consumer] = collections.deque()
+        self.queued: Set[Consumer] = set()  # the consumers in waiting, for O(1) membership
+
+
+#: One gate per loop, kept as long as the loop lives.
+_GATES: "weakref.WeakKeyDictionary[Loop, _ConnectGate]" = weakref.WeakKeyDictionary()
 
 
 class FeedEvent:
@@ -486,8 +510,18 @@ class Consumer:
             return  # stopped meanwhile, or a stale call from before a stop() and a new start()
         self._state = _CONNECTING
         self._timer = None
-        self._connected_at = None
         loop = self.loop
+        gate = _GATES.get(loop)
+        if gate is None:
+            gate = _GATES[loop] = _ConnectGate()
+        if self not in gate.connecting:
+            if len(gate.connecting) >= MAX_CONNECTING_PER_LOOP:
+                if self not in gate.queued:  # _leave_gate() calls _connect again in turn
+                    gate.queued.add(self)
+                    gate.waiting.append(self)
+                return
+            gate.connecting.add(self)
+        self._connected_at = None
         self._last_activity = loop.time()
         resolving = self._since == "now"  # ask where "now" is first; follow from there next
         try:
@@ -503,6 +537,19 @@ class Consumer:
         self._register(stream)
         self._timer = loop.call_later(self.connect_timeout, self._check_connect, stream)
         logger.debug("%s: connecting (since=%r)", self.db.name, self._since)
+
+    def _leave_gate(self) -> None:
+        """Connected, failed or stopped: let the next waiting consumer of the loop connect."""
+        gate = _GATES.get(self.loop)
+        if gate is None or self not in gate.connecting:
+            return
+        gate.connecting.discard(self)
+        while gate.waiting and len(gate.connecting) < MAX_CONNECTING_PER_LOOP:
+            successor = gate.waiting.popleft()
+            gate.queued.discard(successor)
+            if successor._state in (_CONNECTING, _BACKOFF) and successor._stream is None:
+                gate.connecting.add(successor)
+                self.loop.call_soon(successor._connect)
 
     def _feed_path(self) -> str:
         """The path of the feed followed; a subclass may follow another one (``_db_updates``)."""
@@ -606,6 +653,7 @@ class Consumer:
         loop = self.loop
         self._connected_at = loop.time()
         self._state = _STREAMING
+        self._leave_gate()
         self._arm_watchdog()  # replaces the connect timer
         logger.info("%s: following changes since %r", self.db.name, self._since)
         self._report(self.on_connect, FeedEvent(self, "connect"))
@@ -684,6 +732,7 @@ class Consumer:
         """Close the stream; reconnect after a backoff, or stop if ``exc`` is fatal."""
         if self._state in (_IDLE, _STOPPED):
             return
+        self._leave_gate()
         connected_at = self._connected_at
         was_connected = connected_at is not None
         if connected_at is not None and self.loop.time() - connected_at >= self.healthy_after:
@@ -764,6 +813,7 @@ class Consumer:
         was_connected = self._stream is not None and self._connected_at is not None
         self._close_stream()
         self._state = _STOPPED
+        self._leave_gate()
         self.error = error
         if self.checkpoint is not None:
             try:
