@@ -7,9 +7,8 @@ byte by byte (observed through a raw socket): its headers, opaque string seqs, r
 that ends a feed on ``timeout`` or ``limit``. Every test also checks what the consumer *sent*.
 """
 
-import contextlib
 import json
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
@@ -22,9 +21,9 @@ from couch3 import (
     end_line,
     feed,
     normal_since_now,
+    rig,
     row,
     rows,
-    run_until,
     seq,
 )
 from scripted import (
@@ -33,69 +32,17 @@ from scripted import (
     Pause,
     Read,
     Request,
-    Script,
-    ScriptedServer,
     Send,
     Stall,
     chunk,
 )
 
-from changeloop import Consumer, FeedEvent, Loop, ProtocolError, Server
+from changeloop import Consumer, FeedEvent, ProtocolError
 from changeloop.checkpoint import MemoryCheckpoint
 
 pytestmark = pytest.mark.timeout(10)
 
 Change = Dict[str, Any]
-
-# -- the rig --------------------------------------------------------------------------------
-
-
-class Rig:
-    """A scripted server, a loop and a consumer that records changes and lifecycle events."""
-
-    def __init__(self, srv: ScriptedServer, loop: Loop, consumer: Consumer) -> None:
-        self.srv = srv
-        self.loop = loop
-        self.consumer = consumer
-        self.changes: List[Change] = []
-        self.events: List[FeedEvent] = []
-
-    @property
-    def ids(self) -> List[str]:
-        return [c["id"] for c in self.changes]
-
-    def kinds(self) -> List[str]:
-        return [e.kind for e in self.events]
-
-    def start(self, since: Any = 0, **params: Any) -> None:
-        self.consumer.start(self.changes.append, since, **params)
-
-    def run_until(self, condition: Callable[[], object], timeout: float = 3.0) -> None:
-        run_until(self.loop, condition, timeout)
-
-
-@contextlib.contextmanager
-def rig(scripts: Sequence[Script], **options: Any) -> Iterator[Rig]:
-    options.setdefault("reconnect_base", 0.01)  # real backoff sleeps stay short
-    with contextlib.ExitStack() as stack:
-        srv = stack.enter_context(ScriptedServer(scripts))
-        server = stack.enter_context(Server(srv.url))
-        loop = stack.enter_context(Loop())
-        events: List[FeedEvent] = []
-        consumer = stack.enter_context(
-            Consumer(
-                server.get_db("db"),
-                loop,
-                on_error=events.append,
-                on_connect=events.append,
-                on_disconnect=events.append,
-                on_caught_up=events.append,
-                **options,
-            )
-        )
-        the_rig = Rig(srv, loop, consumer)
-        the_rig.events = events
-        yield the_rig
 
 
 def query(request: Request) -> Dict[str, str]:

@@ -12,7 +12,7 @@ import json
 import random
 import ssl
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Type
+from typing import Any, Callable, Dict, List, Type
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -20,8 +20,11 @@ import trustme
 from couch3 import (
     COUCH_HEAD,
     HEARTBEAT,
+    FakeClock,
+    Rig,
     doc_id,
     feed,
+    rig,
     row,
     rows,
     run_until,
@@ -35,7 +38,6 @@ from scripted import (
     Read,
     Request,
     Reset,
-    Script,
     ScriptedServer,
     Send,
     Stall,
@@ -62,7 +64,7 @@ from changeloop import (
     Unauthorized,
 )
 from changeloop._readers import MAX_HEAD_BYTES
-from changeloop._stream import RECV_BYTES, FeedStream
+from changeloop._stream import RECV_BYTES
 from changeloop.checkpoint import MemoryCheckpoint
 from changeloop.consumer import RECONNECT_BASE_S, RECONNECT_CAP_S
 
@@ -92,89 +94,10 @@ def error_response(status: int, error: str, reason: str) -> bytes:
 # -- the rig --------------------------------------------------------------------------------
 
 
-class FakeClock:
-    """The loop's clock, moved by hand: timers fire only when a test says time has passed."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def settle(loop: Loop, passes: int = 5) -> None:
     """Give the loop a few real passes in which nothing should happen."""
     for _ in range(passes):
         loop.run_once(0.01)
-
-
-class Rig:
-    """A scripted server, a loop and a consumer that records changes and lifecycle events."""
-
-    def __init__(self, srv: ScriptedServer, loop: Loop, consumer: Consumer) -> None:
-        self.srv = srv
-        self.loop = loop
-        self.consumer = consumer
-        self.changes: List[Change] = []
-        self.events: List[FeedEvent] = []
-
-    @property
-    def ids(self) -> List[str]:
-        return [c["id"] for c in self.changes]
-
-    def kinds(self) -> List[str]:
-        return [e.kind for e in self.events]
-
-    def errors(self) -> List[FeedEvent]:
-        return [e for e in self.events if e.kind == "error"]
-
-    def start(self, since: Any = 0, **params: Any) -> None:
-        self.consumer.start(self.changes.append, since, **params)
-
-    def run_until(self, condition: Callable[[], object], timeout: float = 3.0) -> None:
-        run_until(self.loop, condition, timeout)
-
-    def stream(self) -> FeedStream:
-        """The consumer's current stream (to look at what it buffers)."""
-        self.run_until(lambda: self.consumer._stream is not None)
-        stream = self.consumer._stream
-        assert stream is not None
-        return stream
-
-
-@contextlib.contextmanager
-def rig(
-    scripts: Sequence[Script],
-    *,
-    clock: Optional[FakeClock] = None,
-    server_context: Optional[ssl.SSLContext] = None,
-    client_context: Optional[ssl.SSLContext] = None,
-    **options: Any,
-) -> Iterator[Rig]:
-    if clock is None:
-        options.setdefault("reconnect_base", 0.01)  # real backoff sleeps stay short
-    with contextlib.ExitStack() as stack:
-        srv = stack.enter_context(ScriptedServer(scripts, ssl_context=server_context))
-        server = stack.enter_context(Server(srv.url, ssl_context=client_context))
-        loop = stack.enter_context(Loop() if clock is None else Loop(clock=clock))
-        events: List[FeedEvent] = []
-        consumer = stack.enter_context(
-            Consumer(
-                server.get_db("db"),
-                loop,
-                on_error=events.append,
-                on_connect=events.append,
-                on_disconnect=events.append,
-                on_caught_up=events.append,
-                **options,
-            )
-        )
-        the_rig = Rig(srv, loop, consumer)
-        the_rig.events = events
-        yield the_rig
 
 
 def since_of(request: Request) -> str:
