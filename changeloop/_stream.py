@@ -224,7 +224,8 @@ class FeedStream:
                 return
             if type(event) is Data:
                 if self._error_status:
-                    if sum(map(len, self._error_body)) < MAX_ERROR_BODY_BYTES:
+                    if self._body_bytes < MAX_ERROR_BODY_BYTES:
+                        self._body_bytes += len(event.data)
                         self._error_body.append(event.data)
                 elif self.one_shot:
                     self._hold_document(event.data)

@@ -15,6 +15,8 @@ from typing import Any, Dict, Iterator, List, Optional
 import pytest
 from testserver import server_url_from_env, start_server
 
+from changeloop import Database, Server
+
 # `npm install` run by hand in tests/testserver/ would put thousands of JS test files here.
 collect_ignore = ["testserver"]
 
@@ -44,6 +46,21 @@ def couchdb_url() -> Iterator[str]:
 def db_name() -> str:
     """A database name no other test uses (CouchDB: lowercase, starting with a letter)."""
     return f"test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def server(couchdb_url: str) -> Iterator[Server]:
+    """changeloop's own client for the real server, closed after the test."""
+    with Server(couchdb_url) as server:
+        yield server
+
+
+@pytest.fixture
+def db(server: Server, db_name: str) -> Iterator[Database]:
+    """A fresh database on the real server, deleted after the test."""
+    database = server.create_db(db_name)
+    yield database
+    server.delete_db(db_name)
 
 
 class AdminError(Exception):

@@ -4,11 +4,11 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
 
-from changeloop import CheckpointError, Consumer, Database, Server
+from changeloop import CheckpointError, Consumer, Database
 from changeloop.checkpoint import FileCheckpoint, LocalDocCheckpoint, MemoryCheckpoint
 
 
@@ -62,14 +62,6 @@ def test_memory_checkpoint() -> None:
     store = MemoryCheckpoint()
     store.save(5)
     assert store.load() == 5 and store.saves == 1 and "seq=5" in repr(store)
-
-
-@pytest.fixture
-def db(couchdb_url: str, db_name: str) -> Iterator[Database]:
-    with Server(couchdb_url) as server:
-        database = server.create_db(db_name)
-        yield database
-        server.delete_db(db_name)
 
 
 def test_local_doc_checkpoint(db: Database) -> None:

@@ -26,19 +26,6 @@ from changeloop import (
 from changeloop.client import Database, Server, encode_query, quote_doc_id
 
 
-@pytest.fixture
-def server(couchdb_url: str) -> Iterator[Server]:
-    with Server(couchdb_url) as server:
-        yield server
-
-
-@pytest.fixture
-def db(server: Server, db_name: str) -> Iterator[Database]:
-    database = server.create_db(db_name)
-    yield database
-    server.delete_db(db_name)
-
-
 def json_response(status: int, body: object, extra: str = "") -> bytes:
     data = json.dumps(body).encode()
     head = "HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"

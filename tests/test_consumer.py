@@ -12,19 +12,6 @@ from changeloop import Consumer, Database, Loop, NotFound, Server
 Change = Dict[str, Any]
 
 
-@pytest.fixture
-def server(couchdb_url: str) -> Iterator[Server]:
-    with Server(couchdb_url) as server:
-        yield server
-
-
-@pytest.fixture
-def db(server: Server, db_name: str) -> Iterator[Database]:
-    database = server.create_db(db_name)
-    yield database
-    server.delete_db(db_name)
-
-
 def ids(changes: List[Change]) -> List[str]:
     return [c["id"] for c in changes]
 
@@ -79,9 +66,7 @@ def test_wait_with_a_js_filter(db: Database) -> None:
     db.save_doc(
         {
             "_id": "_design/mydesign",
-            "filters": {
-                "filtername": "function(doc, req) { return doc.type === req.query.type; }"
-            },
+            "filters": {"filtername": "function(doc, req) { return doc.type === req.query.type; }"},
         }
     )
     db.bulk_save([{"type": "a", "n": 1}, {"type": "b", "n": 2}, {"type": "a", "n": 3}])
