@@ -20,6 +20,7 @@ Normal and longpoll bodies are one JSON document, decoded whole by :func:`decode
 
 import json
 import json.scanner
+import sys
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from .errors import FeedError, LineTooLongError
@@ -44,6 +45,8 @@ def _c_scanner() -> Optional[_ScanOnce]:
     scan: _ScanOnce = c_make_scanner(json.JSONDecoder())
     return scan
 
+
+_CPYTHON = sys.implementation.name == "cpython"
 
 #: Whether the fast path is available on this interpreter (CPython's ``_json`` C scanner).
 FAST_SCANNER = _c_scanner() is not None
@@ -147,13 +150,91 @@ class LineDecoder:
         except UnicodeDecodeError as exc:
             raise FeedError("feed bytes are not UTF-8: %s" % exc) from exc
         scan = self._scan
+        if len(text) > self.max_line_bytes:
+            self._decode_lines(text, 0, rows)
+            return
+        if scan is None:
+            if _CPYTHON:  # CPython built without _json; PyPy runs _decode_lines faster
+                self._decode_split(text, rows)
+            else:
+                self._decode_lines(text, 0, rows)
+            return
+        # The fast path: no line of ``text`` can exceed the limit, so rows are scanned in place
+        # with no per-row search for the newline; anything unusual (blanks around a row, CRLF
+        # line ends, a heartbeat, a bad row) goes through _decode_lines from that line on.
+        append = rows.append
+        pos = 0
+        end_of_text = len(text)
+        before = len(rows)
+        ended = self.last_seq is not None
+        try:
+            while pos < end_of_text:
+                if text[pos] != "{":
+                    break
+                try:
+                    row, end = scan(text, pos)
+                except (StopIteration, ValueError):
+                    break  # let the plain path produce the error message
+                if text[end] != "\n":
+                    break
+                pos = end + 1
+                if "last_seq" in row or "error" in row:
+                    self._end_or_error(row)
+                    ended = True
+                    continue
+                if ended:
+                    raise FeedError("a row arrived after the last_seq line: %s" % _excerpt(row))
+                append(row)
+        finally:
+            self.rows += len(rows) - before
+        if pos < end_of_text:
+            self._decode_lines(text, pos, rows)
+
+    def _decode_split(self, text: str, rows: List[Row]) -> None:
+        """The plain path: split ``text`` (no line of it too long) and decode each line."""
+        lines = text.split("\n")
+        lines.pop()  # the empty string after the last newline
+        # json.loads itself, not a JSONDecoder's decode: on PyPy (no C scanner, so this path)
+        # only json.loads reaches the fast native decoder (_pypyjson).
+        loads = json.loads
+        append = rows.append
+        before = len(rows)
+        ended = self.last_seq is not None
+        try:
+            for line in lines:
+                if not line:
+                    self.heartbeats += 1
+                    continue
+                try:
+                    row = loads(line)  # blanks around the row are allowed
+                except ValueError as exc:
+                    if line.isspace():  # a heartbeat with a CRLF line end
+                        self.heartbeats += 1
+                        continue
+                    raise FeedError(
+                        "a feed line is not JSON (%s): %s" % (exc, _excerpt(line))
+                    ) from exc
+                if type(row) is not dict:
+                    raise FeedError("a feed line is not a JSON object: %s" % _excerpt(line))
+                if "last_seq" in row or "error" in row:
+                    self._end_or_error(row)
+                    ended = True
+                    continue
+                if ended:
+                    raise FeedError("a row arrived after the last_seq line: %s" % _excerpt(row))
+                append(row)
+        finally:
+            self.rows += len(rows) - before
+
+    def _decode_lines(self, text: str, pos: int, rows: List[Row]) -> None:
+        """Decode the lines of ``text`` from ``pos`` one at a time, each checked in full."""
+        scan = self._scan
         limit = self.max_line_bytes
         append = rows.append
         find = text.find
-        pos = 0
         end_of_text = len(text)
         while pos < end_of_text:
-            newline = find("\n", pos)  # always found: chunk ends with a newline
+            newline = find("\n", pos)  # always found: text ends with a newline
             if newline - pos > limit:
                 raise LineTooLongError(
                     "a feed line of %d characters exceeds max_line_bytes (%d)"

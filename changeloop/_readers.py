@@ -6,6 +6,8 @@ means for that framing. The chunked reader strips the framing of every complete 
 buffer in one call (see ``_http`` for why).
 """
 
+import sys
+from itertools import repeat
 from typing import List, Optional, Tuple, Union
 
 from ._events import Data, EndOfMessage, Headers
@@ -29,7 +31,11 @@ MAX_CHUNK_SIZE_DIGITS = 16
 #: Decimal digits in Content-Length: 19 digits stay below 2**63, the largest size any peer uses.
 MAX_CONTENT_LENGTH_DIGITS = 19
 
+_CPYTHON = sys.implementation.name == "cpython"
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+#: ``_HEX_SIZES[n]`` is chunk size ``n`` as CouchDB writes it, for the sizes of rows and of
+#: heartbeats: 4 KiB covers rows without documents, and the table costs 4,096 small objects.
+_HEX_SIZES = [b"%x" % n for n in range(4096)]
 _DECIMAL_DIGITS = b"0123456789"
 # RFC 9110 §5.6.2 token characters, for validating field names.
 _TOKEN_CHARS = frozenset(
@@ -167,6 +173,9 @@ class _ChunkedReader(BodyReader):
         self._in_trailers = False
         self._trailer_scan = 0
         self._failed: Optional[ProtocolError] = None  # raised after the data before it
+        # Try _split_chunks first (off once a chunk's data held a CRLF). Only on CPython: PyPy's
+        # JIT runs the exact loop below faster than the split and its lists (measured 2.5x).
+        self._bulk = _CPYTHON
 
     def read(self, buf: bytearray, offset: int) -> Optional[Union[Data, EndOfMessage]]:
         if self._failed is not None:
@@ -182,6 +191,7 @@ class _ChunkedReader(BodyReader):
         find = data.find
         pos = 0
         remaining = self._remaining
+        bulk = self._bulk
         try:
             while True:
                 if remaining:  # the rest of a chunk that started in an earlier receive
@@ -203,6 +213,14 @@ class _ChunkedReader(BodyReader):
                         raise self._error("chunk data not followed by CRLF", offset + pos)
                     pos += 2
                     self._need_crlf = False
+                if bulk:  # at a chunk-size line: take every complete chunk at once, then go on
+                    bulk = False
+                    taken = _split_chunks(data, pos, parts)
+                    if taken < 0:
+                        self._bulk = False
+                    else:
+                        pos = taken
+                        continue
                 lf = find(b"\n", pos, pos + MAX_CHUNK_LINE_BYTES + 1)
                 if lf < 0:
                     if end - pos > MAX_CHUNK_LINE_BYTES:
@@ -282,6 +300,51 @@ class _ChunkedReader(BodyReader):
     @staticmethod
     def _error(message: str, offset: int) -> ProtocolError:
         return ProtocolError("%s (at byte %d of the response)" % (message, offset))
+
+
+def _split_chunks(data: bytes, pos: int, parts: List[bytes]) -> int:
+    """Strip the framing of all the complete chunks from ``data[pos:]`` at C speed.
+
+    ``pos`` is the start of a chunk-size line. Splitting on CRLF gives ``size, data, size, data,
+    ...``; the framing is exactly that when every size is plain hex (at most
+    ``MAX_CHUNK_SIZE_DIGITS`` digits, no extension) and every data piece is as long as its size
+    says: each match proves that piece is the whole chunk and that a CRLF follows it, so the next
+    piece is the next size line. The trailing incomplete chunk, the last (zero) chunk and
+    everything after it are left to the exact loop in ``read``, which also judges any stream
+    that does not pass, so the errors and limits stay those of the exact loop.
+
+    Returns:
+        The offset after the chunks taken (``pos`` when none could be), or -1 when a chunk's
+        data held a CRLF (JSON whitespace, or a re-chunked feed with CRLF line ends): the caller
+        then stops trying for the rest of the message.
+    """
+    pieces = (data[pos:] if pos else data).split(b"\r\n")
+    pairs = (len(pieces) - 1) // 2  # (size, data) pairs followed by a CRLF
+    if pairs < 2:
+        return pos  # not worth it: the exact loop is as fast for one chunk
+    sizes = pieces[0 : 2 * pairs : 2]
+    datas = pieces[1 : 2 * pairs : 2]
+    lengths = list(map(len, datas))
+    try:
+        # Sizes as CouchDB writes them (lower-case hex, no leading zero) are compared with a
+        # table, which is faster than parsing each one; anything else is parsed below.
+        canonical = sizes == list(map(_HEX_SIZES.__getitem__, lengths))
+    except IndexError:  # a chunk longer than the table
+        canonical = False
+    if not canonical:
+        digits = b"".join(sizes)
+        if digits.translate(None, _HEX_DIGITS) or max(map(len, sizes)) > MAX_CHUNK_SIZE_DIGITS:
+            return pos  # an extension, a bare LF, a sign, a blank or too many digits: read exactly
+        try:
+            if list(map(int, sizes, repeat(16))) != lengths:
+                return -1
+        except ValueError:  # an empty size line
+            return pos
+    if 0 in lengths:  # the last chunk: it and its trailers go through the exact loop
+        pairs = lengths.index(0)
+        del datas[pairs:], lengths[pairs:], sizes[pairs:]
+    parts.extend(datas)
+    return pos + sum(map(len, sizes)) + sum(lengths) + 4 * pairs
 
 
 def _parse_chunk_size(line: bytes, offset: int) -> int:

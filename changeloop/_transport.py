@@ -317,6 +317,7 @@ class NonBlockingConnection:
         #: Set by recv() when TLS must write before it can read: wait for writable, then recv().
         self.wants_write = False
         self._tls: Optional[ssl.SSLSocket] = None
+        self._deferred: Optional[OSError] = None  # met by recv() after some bytes; raised next
         self._addrs: List[AddrInfo] = []
         self._last_exc: Optional[BaseException] = None
 
@@ -467,16 +468,20 @@ class NonBlockingConnection:
         """Return how many decrypted bytes wait inside the TLS object (always 0 without TLS).
 
         ``select()`` cannot see these bytes: while this is non-zero, call :meth:`recv` again
-        instead of waiting for readiness, or the connection stalls with data in hand.
+        instead of waiting for readiness, or the connection stalls with data in hand. A failure
+        that :meth:`recv` met after reading some records, and raises on its next call, counts
+        as one byte for the same reason.
         """
-        return self._tls.pending() if self._tls is not None and self.state == "open" else 0
+        if self._tls is None or self.state != "open":
+            return 0
+        return self._tls.pending() or (1 if self._deferred is not None else 0)
 
     def recv(self, max_bytes: int) -> Optional[bytes]:
         """Read what is available now, up to ``max_bytes``.
 
-        With TLS one call also drains the current record's :meth:`pending` bytes, up to
-        ``max_bytes``; when ``max_bytes`` cuts a record short, ``pending()`` stays non-zero and
-        the caller must call ``recv`` again before sleeping in ``select()``.
+        With TLS one call reads the records already there, up to ``max_bytes``; when
+        ``max_bytes`` cuts a record short, ``pending()`` stays non-zero and the caller must call
+        ``recv`` again before sleeping in ``select()``.
 
         Args:
             max_bytes: the most bytes to return; positive.
@@ -492,16 +497,12 @@ class NonBlockingConnection:
             raise RuntimeError("cannot recv on %r" % (self,))
         self.wants_write = False
         try:
+            if self._deferred is not None:
+                deferred, self._deferred = self._deferred, None
+                raise deferred
             data = self.sock.recv(max_bytes)
             if self._tls is not None and data:
-                # Pending bytes are decrypted already: reading them never touches the socket,
-                # so nothing here can fail and lose the chunks collected so far.
-                chunks = [data]
-                size = len(data)
-                while size < max_bytes and self._tls.pending():
-                    chunks.append(self._tls.recv(max_bytes - size))
-                    size += len(chunks[-1])
-                data = b"".join(chunks)
+                data = self._recv_more_records(data, max_bytes)
         except (BlockingIOError, ssl.SSLWantReadError):
             return None
         except ssl.SSLWantWriteError:
@@ -518,6 +519,30 @@ class NonBlockingConnection:
             err = map_socket_error(exc, host=self.host, port=self.port, phase="read")
             raise err from exc
         return data
+
+    def _recv_more_records(self, data: bytes, max_bytes: int) -> bytes:
+        # One TLS read returns at most one record (16 KiB): read on while whole records are
+        # there, up to max_bytes, so that a catching-up feed gets as much per call (and per
+        # pass of the loop) as in plaintext. Whatever stops the reading after the first record
+        # (EOF, an alert, a reset, a write the session needs) is kept for the next call to
+        # raise, so the bytes read before it are handed over first.
+        assert self._tls is not None
+        chunks = [data]
+        size = len(data)
+        while size < max_bytes:
+            try:
+                more = self._tls.recv(max_bytes - size)
+            except ssl.SSLWantReadError:
+                break  # nothing more yet
+            except OSError as exc:
+                self._deferred = exc
+                break
+            if not more:
+                self._deferred = ssl.SSLZeroReturnError("TLS connection closed")  # EOF
+                break
+            chunks.append(more)
+            size += len(more)
+        return b"".join(chunks)
 
     def send(self, data: Union[bytes, bytearray, memoryview]) -> int:
         """Write as much of ``data`` as fits now.

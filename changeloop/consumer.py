@@ -659,39 +659,71 @@ class Consumer:
         self._report(self.on_connect, FeedEvent(self, "connect"))
 
     def _deliver(self, rows: List[Change]) -> None:
-        """Hand rows to the callbacks: the one place user code runs."""
+        """Hand rows to the callbacks: the one place user code runs.
+
+        Per row, only the callbacks run: the counters and the seq are brought up to date by
+        :meth:`_account` once per batch, and before anything that reads them (a failing
+        callback, a checkpoint, a stop, an exception escaping a callback).
+        """
+        if self._limit is not None:
+            rows = rows[: max(0, self._limit - self.delivered)]
         callbacks = self._callbacks
+        single = callbacks[0] if len(callbacks) == 1 else None
+        accounted = 0  # rows[:accounted] are counted already
+        done = 0  # rows[:done] went through every callback (or were skipped)
+        # Per change, not per batch: a read can bring hundreds of rows, and a crash must not
+        # replay more than checkpoint_every of them.
+        save_at = (
+            max(1, self.checkpoint_every - self._unsaved)
+            if self.checkpoint is not None
+            else len(rows) + 1
+        )
         self._delivering = True
         try:
             for row in rows:
                 try:
-                    for callback in callbacks:
-                        callback(row)
+                    if single is not None:
+                        single(row)
+                    else:
+                        for callback in callbacks:
+                            callback(row)
                 except Exception as exc:
+                    self._account(rows, accounted, done)
+                    accounted = done
                     if not self._callback_failed(row, exc):
                         return
-                seq = row.get("seq")
-                if seq is not None:  # with seq_interval most rows have none: keep the last real one
-                    self._since = seq
-                self.delivered += 1
-                self._unsaved += 1
-                if self._unsaved >= self.checkpoint_every and self.checkpoint is not None:
-                    # Per change, not per batch: a read can bring thousands of rows, and a crash
-                    # must not replay more than checkpoint_every of them.
+                done += 1
+                if done == save_at:
+                    self._account(rows, accounted, done)
+                    accounted = done
                     self._save_checkpoint()
-                if self._stop_requested or (
-                    self._limit is not None and self.delivered >= self._limit
-                ):
-                    self._finish(None)  # after the bookkeeping, so the checkpoint includes it
-                    return
+                    save_at = done + self.checkpoint_every
+                if self._stop_requested:
+                    break
         finally:
+            self._account(rows, accounted, done)
             self._delivering = False
+        if self._stop_requested or (self._limit is not None and self.delivered >= self._limit):
+            self._finish(None)  # after the bookkeeping, so the checkpoint includes it
+            return
         if (
             self.checkpoint is not None
             and self._unsaved
             and self.loop.time() - self._saved_at >= self.checkpoint_interval
         ):
             self._save_checkpoint()
+
+    def _account(self, rows: List[Change], start: int, stop: int) -> None:
+        """Count ``rows[start:stop]`` as delivered and move ``last_seq`` to the last real seq."""
+        if stop <= start:
+            return
+        self.delivered += stop - start
+        self._unsaved += stop - start
+        for index in range(stop - 1, start - 1, -1):
+            seq = rows[index].get("seq")
+            if seq is not None:  # with seq_interval most rows have none: keep the last real one
+                self._since = seq
+                return
 
     def _callback_failed(self, row: Change, exc: Exception) -> bool:
         """Report a failing callback; return whether to go on with the next change."""
