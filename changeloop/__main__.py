@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 from . import _transport
@@ -58,6 +58,9 @@ examples:
 
 output: one JSON object per change, one per line, flushed per line. With several databases or
 --all-dbs each object starts with the database's name: {"db": "orders", "seq": ..., "id": ...}.
+With --batch N, each line is instead a JSON array of up to N such objects from one database:
+the changes that arrived together, never held back to fill the array. The checkpoint then
+moves once per line.
 
 credentials: user:password@ in the URL (with a warning: command lines are visible to other
 users), else COUCHDB_USER and COUCHDB_PASSWORD, else ~/.netrc (by host). Never printed.
@@ -90,6 +93,8 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any]]] = [
     (("--include-docs",), {"action": "store_true", "help": "include each document"}),
     (("--style",), {"choices": ["main_only", "all_docs"], "help": "all_docs: conflicts too"}),
     (("--limit",), {"type": int, "metavar": "N", "help": "stop after N changes in all"}),
+    (("--batch",), {"type": int, "metavar": "N", "help": "print changes in JSON arrays of up "
+        "to N, one array per line: the changes that arrived together (see output below)"}),
     (("--heartbeat",), {"type": int, "metavar": "MS", "help": "the heartbeat to ask for, in "
         "milliseconds (default 30000)"}),
     (("--checkpoint",), {"metavar": "FILE", "help": "resume after the seq saved in FILE, and "
@@ -224,7 +229,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--all-dbs takes exactly one server URL")
     if args.feed == "longpoll" and (args.all_dbs is not None or len(args.url) > 1):
         raise UsageError("--feed longpoll waits on one database; follow several continuously")
-    for name in ("limit", "heartbeat"):
+    for name in ("limit", "heartbeat", "batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError("--%s must be at least 1" % name)
     if args.max_retries < 0:
@@ -241,24 +246,41 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 class Progress:
-    """The catching-up line on a terminal's stderr: changes so far and their rate, redrawn as
-    changes arrive (at most every :data:`PROGRESS_EVERY_S`) until every feed has caught up."""
+    """The catching-up line on a terminal's stderr: changes so far, those still pending (when
+    the servers report ``pending``) and the rate, redrawn as changes arrive (at most every
+    :data:`PROGRESS_EVERY_S`) until every feed has caught up.
 
-    def __init__(self, consumers: List[Consumer]) -> None:
+    Args:
+        consumers: the feeds to wait for.
+        pending: how many changes the servers said were pending when the feeds started, or
+            ``None`` when one of them does not say (pouchdb-server, CouchDB 1.x).
+    """
+
+    def __init__(self, consumers: List[Consumer], pending: Optional[int] = None) -> None:
         self.waiting = {id(consumer) for consumer in consumers}
+        self.pending = pending
         self.rows = 0
         self.started = self.drawn = time.monotonic()
         self.shown = False
 
-    def count(self) -> None:
-        self.rows += 1
+    def count(self, rows: int = 1) -> None:
+        self.rows += rows
         now = time.monotonic()
         if self.waiting and now - self.drawn >= PROGRESS_EVERY_S:
-            rate = self.rows / (now - self.started)
-            # \r: back to the line's start; ESC [K: erase what a longer line left there
-            sys.stderr.write("\rcatching up: %d changes, %.0f/s\x1b[K" % (self.rows, rate))
-            sys.stderr.flush()
-            self.drawn, self.shown = now, True
+            self.draw(now)
+
+    def line(self, now: float) -> str:
+        """The progress line's text."""
+        text = "catching up: %d changes" % self.rows
+        if self.pending is not None:  # changes made meanwhile come on top: never below 0
+            text += ", %d pending" % max(0, self.pending - self.rows)
+        return text + ", %.0f/s" % (self.rows / max(now - self.started, 1e-9))
+
+    def draw(self, now: float) -> None:
+        # \r: back to the line's start; ESC [K: erase what a longer line left there
+        sys.stderr.write("\r%s\x1b[K" % self.line(now))
+        sys.stderr.flush()
+        self.drawn, self.shown = now, True
 
     def caught_up(self, consumer: Consumer) -> None:
         self.waiting.discard(id(consumer))
@@ -337,6 +359,9 @@ class Command:
         self.watcher: Optional[DatabaseWatcher] = None
         self.progress: Optional[Progress] = None
         self.printed = 0
+        #: With --batch and --limit: the consumer whose batch the limit cut, and the seq of the
+        #: last change printed from it.
+        self.cut: Optional[Tuple[Consumer, Any]] = None
         self.failures: Dict[str, int] = {}  # failed connection attempts in a row, by database
         self.exit_code = EXIT_OK
         self.following = False
@@ -357,13 +382,34 @@ class Command:
         """Print a change: the consumers' callback."""
         if self.tagged:
             change = {"db": name, **change}
-        sys.stdout.write(json.dumps(change) + "\n")
+        self.write(json.dumps(change), 1)
+
+    def emit_batch(self, name: str, batch: List[Dict[str, Any]]) -> None:
+        """Print a batch as one JSON array: the consumers' callback with ``--batch``."""
+        if self.args.limit is not None and self.printed + len(batch) > self.args.limit:
+            # The consumer counts the whole batch as delivered: remember where the printed part
+            # ends, so the checkpoint says that (see run) and the rest comes next time.
+            batch = batch[: self.args.limit - self.printed]
+            consumer = self.consumer_of(name)
+            seqs = [change["seq"] for change in batch if change.get("seq") is not None]
+            self.cut = (consumer, seqs[-1] if seqs else consumer.last_seq)
+        if self.tagged:
+            batch = [{"db": name, **change} for change in batch]
+        self.write(json.dumps(batch), len(batch))
+
+    def write(self, line: str, changes: int) -> None:
+        sys.stdout.write(line + "\n")
         sys.stdout.flush()  # before the callback returns, as only then may its seq be saved
-        self.printed += 1
+        self.printed += changes
         if self.progress is not None:
-            self.progress.count()
+            self.progress.count(changes)
         if self.args.limit is not None and self.printed >= self.args.limit:
             self.stop()
+
+    def consumer_of(self, name: str) -> Consumer:
+        if self.watcher is not None:
+            return self.watcher.consumers[name]
+        return next(c for c in self.consumers if c.db.name == name)
 
     def run(self) -> int:
         if self.args.feed != "continuous":
@@ -374,10 +420,14 @@ class Command:
             "on_disconnect": self.on_disconnect,
             "on_caught_up": self.on_caught_up,
         }
+        emit: Callable[[str, Any], None] = self.emit
+        if self.args.batch is not None:
+            options["batch_size"] = self.args.batch
+            emit = self.emit_batch
         if self.args.all_dbs is not None:
             self.watcher = DatabaseWatcher(
                 self.targets[0][0],
-                self.emit,
+                emit,
                 self.loop,
                 match=self.args.all_dbs or None,
                 shard=self.args.shard,
@@ -391,17 +441,43 @@ class Command:
             assert name is not None
             db = server.get_db(name)
             consumer = Consumer(db, self.loop, checkpoint=self.store(db), **options)
-            consumer.start(functools.partial(self.emit, name), self.since, **self.params)
+            consumer.start(functools.partial(emit, name), self.since, **self.params)
             self.consumers.append(consumer)
         if sys.stderr.isatty():
             watched = list(self.watcher.consumers.values()) if self.watcher is not None else []
-            self.progress = self.handler.progress = Progress(self.consumers + watched)
+            pending = self.pending() if self.watcher is None else None
+            self.progress = self.handler.progress = Progress(self.consumers + watched, pending)
         self.following = True
         try:
             self.loop.run()
         finally:
             self.following = False
+        if self.cut is not None:  # every consumer has stopped and saved: correct the one cut
+            consumer, seq = self.cut
+            if consumer.checkpoint is not None and seq is not None:
+                consumer.checkpoint.save(seq)
         return self.exit_code
+
+    def pending(self) -> Optional[int]:
+        """How many changes wait for the consumers, if the servers say (for the progress line).
+
+        One ``limit=0`` request per database: CouchDB 2+ answers with the count in ``pending``
+        and no rows. Only asked on a terminal, before following.
+        """
+        total = 0
+        params = {k: v for k, v in self.params.items() if k != "heartbeat"}
+        for consumer in self.consumers:
+            if consumer.last_seq == "now":
+                continue  # nothing is pending before now
+            try:
+                answer = consumer.fetch(consumer.last_seq, limit=0, **params)
+            except ChangeloopError as exc:  # the feed itself will say what is wrong
+                LOG.debug("%s: no pending count: %s", consumer.db.name, exc)
+                return None
+            if not isinstance(answer.get("pending"), int):
+                return None
+            total += answer["pending"]
+        return total
 
     def one_shot(self) -> int:
         """``--feed normal`` or ``longpoll``: print one answer per database, save, exit."""
@@ -415,8 +491,14 @@ class Command:
             request = consumer.wait_once if self.args.feed == "longpoll" else consumer.fetch
             result = request(self.since if saved is None else saved, **params)
             rows = result.get("results", [])
-            for row in rows:
-                self.emit(db.name, row)
+            if self.args.limit is not None:  # in case the server ignored the limit
+                rows = rows[: self.args.limit - self.printed]
+            if self.args.batch is None:
+                for row in rows:
+                    self.emit(db.name, row)
+            else:
+                for start in range(0, len(rows), self.args.batch):
+                    self.emit_batch(db.name, rows[start : start + self.args.batch])
             if store is not None:  # a limited answer's last_seq may lie beyond its last row
                 limited = "limit" in params and len(rows) >= params["limit"]
                 store.save(rows[-1]["seq"] if limited else result.get("last_seq"))

@@ -63,6 +63,8 @@ class FeedStream:
         url: the request's URL without credentials, for error messages.
         max_line_bytes: passed to the line decoder; with ``document``, the longest body.
         method: the request's method.
+        min_rows: keep receiving (within :data:`MAX_RECVS_PER_READ` receives) until this many
+            rows are decoded or nothing more is there: a batch consumer's batch size.
         document: the answer is one JSON document (``feed=normal``), not a feed of lines: it is
             decoded whole into :attr:`document` when it ends, and no rows are returned.
     """
@@ -75,6 +77,7 @@ class FeedStream:
         *,
         max_line_bytes: int,
         method: str = "GET",
+        min_rows: int = 1,
         document: bool = False,
     ) -> None:
         self.connection = connection
@@ -85,6 +88,7 @@ class FeedStream:
         self.decoder = LineDecoder(max_line_bytes)
         self.state = _CONNECTING
         self._want = Want.WRITE
+        self._min_rows = min_rows
         #: The response's status code, once its head arrived (0 before). Only the status is
         #: kept: the head's header list would cost about 1 KB for as long as the feed lives.
         self.status_code = 0
@@ -221,7 +225,7 @@ class FeedStream:
                 self._process(rows)
                 if not data or self.state == _ENDED:
                     break
-                if rows:
+                if len(rows) >= self._min_rows:
                     break  # hand these over before reading more (see RECV_BYTES)
         except ChangeloopError as exc:
             self.error = exc

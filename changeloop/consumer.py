@@ -21,7 +21,7 @@ import collections
 import logging
 import random
 import weakref
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Union
 
 from ._feed import MAX_LINE_BYTES, decode_document
 from ._params import DEFAULT_HEARTBEAT_MS, ChangesRequest, changes_request, heartbeat_seconds
@@ -40,12 +40,14 @@ from .errors import (
 )
 from .loop import Loop, TimerHandle
 
-__all__ = ["Consumer", "FeedEvent", "Change", "Callback"]
+__all__ = ["Consumer", "FeedEvent", "Change", "Callback", "BatchCallback"]
 
 logger = logging.getLogger(__name__)
 
 Change = Dict[str, Any]
 Callback = Callable[[Change], Any]
+#: A callback of a consumer with a ``batch_size``: it receives a list of changes.
+BatchCallback = Callable[[List[Change]], Any]
 
 #: Backoff before reconnecting: a random delay in [0, min(cap, base * 2**attempt)] seconds.
 RECONNECT_BASE_S = 0.1
@@ -165,6 +167,12 @@ class Consumer:
         first_byte_timeout: seconds the first byte of a feed may take.
         connect_timeout: seconds to connect (TCP and TLS).
         max_line_bytes: the longest feed line accepted.
+        batch_size: deliver changes in lists of at most this many, one callback call per list
+            (for consumers that write in bulk). A batch holds the changes that are there at
+            once: while catching up it fills, when changes trickle in it may hold one, and it
+            is never held back waiting for more. The batch is the unit of delivery: it counts
+            as delivered when the callbacks return, checkpoints fall between batches, and a
+            failing callback stops (or, with ``"skip"``, skips) the whole batch.
         rng: the random source of the backoff jitter (for tests).
     """
 
@@ -175,6 +183,7 @@ class Consumer:
     __slots__ = (
         "_attempt",
         "_blocking",
+        "batch_size",
         "_callbacks",
         "_caught_up",
         "_connected_at",
@@ -237,10 +246,13 @@ class Consumer:
         checkpoint_every: int = CHECKPOINT_EVERY_CHANGES,
         checkpoint_interval: float = CHECKPOINT_EVERY_S,
         max_line_bytes: int = MAX_LINE_BYTES,
+        batch_size: Optional[int] = None,
         rng: Optional[random.Random] = None,
     ) -> None:
         if callback_errors not in ("stop", "skip"):
             raise ValueError("callback_errors must be 'stop' or 'skip'")
+        if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+            raise ValueError("batch_size must be a positive integer or None")
         self.db = db
         self._loop = loop
         self._own_loop = loop is None
@@ -259,8 +271,9 @@ class Consumer:
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
         self.max_line_bytes = max_line_bytes
+        self.batch_size = batch_size
         self._rng = rng or _SHARED_RNG
-        self._callbacks: List[Callback] = []
+        self._callbacks: List[Callable[[Any], Any]] = []
         self._state = _IDLE
         self._stream: Optional[FeedStream] = None
         self._fd = -1
@@ -383,14 +396,20 @@ class Consumer:
 
     # -- continuous feeds ---------------------------------------------------------------------
 
-    def register_callback(self, callback: Callback) -> None:
-        """Add a callback for continuous feeds; callbacks run in the order they were added."""
+    def register_callback(self, callback: Union[Callback, BatchCallback]) -> None:
+        """Add a callback for continuous feeds; callbacks run in the order they were added.
+
+        A callback receives one change (a dict), or with ``batch_size`` a list of changes.
+        """
         if not callable(callback):
             raise TypeError("a callback must be callable")
         self._callbacks.append(callback)
 
     def start(
-        self, callback: Optional[Callback] = None, since: Any = 0, **params: Any
+        self,
+        callback: Optional[Union[Callback, BatchCallback]] = None,
+        since: Any = 0,
+        **params: Any,
     ) -> "Consumer":
         """Attach a continuous feed to the loop and return at once. Thread-safe.
 
@@ -436,7 +455,12 @@ class Consumer:
             loop.call_soon_threadsafe(self._connect)
         return self
 
-    def wait(self, callback: Optional[Callback] = None, since: Any = 0, **params: Any) -> None:
+    def wait(
+        self,
+        callback: Optional[Union[Callback, BatchCallback]] = None,
+        since: Any = 0,
+        **params: Any,
+    ) -> None:
         """Follow the continuous feed, calling the callbacks per change, until :meth:`stop`.
 
         Runs the loop in this thread (serving every other consumer on it too). Returns when the
@@ -581,6 +605,7 @@ class Consumer:
             server.url + request.path,
             max_line_bytes=self.max_line_bytes,
             method=request.method,
+            min_rows=self.batch_size or 1,
             document=resolving,
         )
 
@@ -667,6 +692,9 @@ class Consumer:
         """
         if self._limit is not None:
             rows = rows[: max(0, self._limit - self.delivered)]
+        if self.batch_size is not None:
+            self._deliver_batches(rows, self.batch_size)
+            return
         callbacks = self._callbacks
         single = callbacks[0] if len(callbacks) == 1 else None
         accounted = 0  # rows[:accounted] are counted already
@@ -690,7 +718,7 @@ class Consumer:
                 except Exception as exc:
                     self._account(rows, accounted, done)
                     accounted = done
-                    if not self._callback_failed(row, exc):
+                    if not self._callback_failed("change %r" % (row.get("id"),), exc):
                         return
                 done += 1
                 if done == save_at:
@@ -703,6 +731,33 @@ class Consumer:
         finally:
             self._account(rows, accounted, done)
             self._delivering = False
+        self._after_delivery()
+
+    def _deliver_batches(self, rows: List[Change], size: int) -> None:
+        """Hand rows to the callbacks in lists of at most ``size``: batch mode's ``_deliver``."""
+        callbacks = self._callbacks
+        self._delivering = True
+        try:
+            for start in range(0, len(rows), size):
+                batch = rows[start : start + size]
+                try:
+                    for callback in callbacks:
+                        callback(batch)
+                except Exception as exc:
+                    what = "a batch of %d changes (the first %r)" % (len(batch), batch[0].get("id"))
+                    if not self._callback_failed(what, exc):
+                        return
+                self._account(batch, 0, len(batch))
+                if self.checkpoint is not None and self._unsaved >= self.checkpoint_every:
+                    self._save_checkpoint()
+                if self._stop_requested:
+                    break
+        finally:
+            self._delivering = False
+        self._after_delivery()
+
+    def _after_delivery(self) -> None:
+        """Stop when asked or when the limit is reached; save the checkpoint when it is time."""
         if self._stop_requested or (self._limit is not None and self.delivered >= self._limit):
             self._finish(None)  # after the bookkeeping, so the checkpoint includes it
             return
@@ -725,9 +780,9 @@ class Consumer:
                 self._since = seq
                 return
 
-    def _callback_failed(self, row: Change, exc: Exception) -> bool:
-        """Report a failing callback; return whether to go on with the next change."""
-        error = CallbackError("a callback raised on change %r: %r" % (row.get("id"), exc))
+    def _callback_failed(self, what: str, exc: Exception) -> bool:
+        """Report a failing callback (on ``what``); return whether to go on with the next."""
+        error = CallbackError("a callback raised on %s: %r" % (what, exc))
         error.__cause__ = exc
         if self.callback_errors == "skip":
             logger.warning("%s: %s; skipping it", self.db.name, error)

@@ -73,7 +73,8 @@ class DatabaseWatcher:
 
     Args:
         server: the server to watch (with admin credentials for ``_db_updates``).
-        callback: called as ``callback(db_name, change)`` for each change of each database.
+        callback: called as ``callback(db_name, change)`` for each change of each database
+            (``callback(db_name, batch)``, a list, with ``batch_size`` in ``consumer_options``).
         loop: the loop every consumer runs on; by default a private one.
         match: which databases: a glob (``"userdb-*"``), a compiled regex, or a predicate;
             by default every database whose name does not start with ``_``.

@@ -76,10 +76,11 @@ def couch_end(last_seq: str, pending: int = 0) -> bytes:
     return chunk(end_line(last_seq, pending)) + HEARTBEAT + LAST_CHUNK
 
 
-def normal_since_now(last_seq: str) -> Script:
-    """CouchDB's answer to ``feed=normal&since=now``: no results, the current seq."""
+def normal_since_now(last_seq: str, pending: int = 0) -> Script:
+    """CouchDB's answer to ``feed=normal&since=now`` (no results, the current seq), which is
+    also its answer to ``limit=0`` (no results, and how many changes are ``pending``)."""
     body = chunk(b'{"results":[\n') + chunk(
-        b'\n],\n"last_seq":"%s","pending":0}\n' % last_seq.encode()
+        b'\n],\n"last_seq":"%s","pending":%d}\n' % (last_seq.encode(), pending)
     )
     return [Read(), Send(COUCH_HEAD + body + HEARTBEAT + LAST_CHUNK), Stall()]
 
@@ -149,6 +150,14 @@ class Rig:
         stream = self.consumer._stream
         assert stream is not None
         return stream
+
+
+def read_everything_at_once(r: Rig) -> None:
+    """Let the whole first response (and its end) arrive before the consumer reads any of it."""
+    stream = r.stream()
+    r.run_until(lambda: stream.state == "receiving")
+    r.srv.wait_for_requests(1)
+    time.sleep(0.05)  # the bytes' way over loopback, not a timer: no clock can stand in
 
 
 @contextlib.contextmanager

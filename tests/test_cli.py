@@ -9,6 +9,7 @@ line by line by threads with a deadline, and every process is killed at teardown
 import json
 import os
 import queue
+import re
 import select
 import signal
 import socket
@@ -24,7 +25,8 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, 
 import pytest
 import trustme
 from conftest import CouchAdmin
-from scripted import Read, ScriptedServer, Send, Stall
+from couch3 import chunk, feed, normal_since_now, rows, seq
+from scripted import Pause, Read, ScriptedServer, Send, Stall
 from testserver import server_url_from_env, start_server
 
 import changeloop
@@ -224,6 +226,7 @@ def test_help_has_examples_and_exit_codes(env: Dict[str, str], tmp_path: Path) -
         (["--shard", "2/2", "--all-dbs", "x", "http://h"], "--shard takes I/N"),
         (["--feed", "longpoll", "http://h/a", "http://h/b"], "longpoll"),
         (["--limit", "0", "http://h/db"], "--limit must be at least 1"),
+        (["--batch", "0", "http://h/db"], "--batch must be at least 1"),
         (["--max-retries", "-1", "http://h/db"], "--max-retries must be"),
         (["--filter", "d/f", "--param", "novalue", "http://h/db"], "--param takes K=V"),
         (["--selector", "{", "http://h/db"], "--selector is not JSON"),
@@ -456,6 +459,97 @@ def test_progress_on_a_terminal_only(
             process.kill()
             process.wait()
         os.close(master)
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_progress_counts_down_what_the_server_reports_pending(
+    env: Dict[str, str], tmp_path: Path
+) -> None:
+    # CouchDB 2+ answers limit=0 with the count in "pending" (pouchdb-server does not): the
+    # command asks once, then counts down as changes arrive, a drawing every 0.25 s at most.
+    pieces = [chunk(rows(*range(n, n + 10))) for n in (1, 11, 21)]
+    catching_up = feed(pieces[0], then=Pause(0.3))[:-1]
+    catching_up += [Pause(0.3), Send(pieces[1]), Pause(0.3), Send(pieces[2]), Stall()]
+    with ScriptedServer([normal_since_now(seq(0), pending=50), catching_up]) as srv:
+        master, slave = os.openpty()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "changeloop", srv.url + "/db"],
+            stdout=subprocess.DEVNULL,
+            stderr=slave,
+            env=env,
+            cwd=str(tmp_path),
+        )
+        os.close(slave)
+        try:
+            seen = b""
+            deadline = time.monotonic() + READ_TIMEOUT_S
+            while b" pending, " not in seen and time.monotonic() < deadline:
+                if select.select([master], [], [], 0.3)[0]:
+                    seen += os.read(master, 1024)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(EXIT_TIMEOUT_S) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            os.close(master)
+        counting, following = srv.requests[:2]
+    assert "limit=0" in counting.target and "feed=normal" in counting.target
+    assert "feed=continuous" in following.target
+    drawn = re.findall(rb"catching up: (\d+) changes, (\d+) pending, ", seen)
+    assert drawn and all(int(done) + int(pending) == 50 for done, pending in drawn), seen
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+
+def test_batch_prints_arrays_and_a_limit_cut_loses_nothing(
+    start: Start, couchdb_url: str, couchdb_admin: CouchAdmin, db: str, tmp_path: Path
+) -> None:
+    url = couchdb_url + "/" + db
+    checkpoint = str(tmp_path / "seqs.json")
+    put(couchdb_admin, db, *("d%d" % n for n in range(1, 8)))
+    code, first, err = run(start, "--batch", "3", "--limit", "5", "--checkpoint", checkpoint, url)
+    assert (code, err) == (0, "")
+    assert all(isinstance(line, list) and 1 <= len(line) <= 3 for line in first)
+    assert [c["id"] for line in first for c in line] == ["d1", "d2", "d3", "d4", "d5"]
+    # The limit may cut a batch the consumer counts whole: the checkpoint still says d5.
+    code, second, _ = run(start, "--batch", "3", "--checkpoint", checkpoint, "--feed=normal", url)
+    assert (code, [[c["id"] for c in line] for line in second]) == (0, [["d6", "d7"]])
+
+
+def test_a_limit_that_cuts_a_batch_checkpoints_the_last_change_printed(
+    start: Start, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "seqs.json"
+    # Seven rows in one chunk, as CouchDB sends a backlog: batches of 3, 3 and 1.
+    with ScriptedServer([feed(chunk(rows(*range(1, 8))))]) as srv:
+        url = srv.url + "/db"
+        code, out, err = run(start, "--batch", "3", "--limit", "5", "--checkpoint",
+                             str(checkpoint), url)  # fmt: skip
+    assert (code, err) == (0, "")
+    assert [[c["seq"] for c in line] for line in out] == [
+        [seq(1), seq(2), seq(3)],
+        [seq(4), seq(5)],  # the consumer's second batch held seq 6 too
+    ]
+    assert json.loads(checkpoint.read_text())["seqs"] == {url: seq(5)}
+
+
+def test_batch_lines_name_their_database_when_several_are_followed(
+    start: Start, couchdb_url: str, couchdb_admin: CouchAdmin, db: str
+) -> None:
+    other = db + "-2"
+    couchdb_admin.put_db(other)
+    put(couchdb_admin, db, "a1", "a2", "a3")
+    put(couchdb_admin, other, "b1")
+    code, out, _ = run(start, "--batch", "2", "--feed", "normal", couchdb_url + "/" + db,
+                       couchdb_url + "/" + other)  # fmt: skip
+    assert code == 0
+    assert [[(c["db"], c["id"]) for c in line] for line in out] == [
+        [(db, "a1"), (db, "a2")],
+        [(db, "a3")],
+        [(other, "b1")],
+    ]
 
 
 # -- errors --------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ from couch3 import (
     COUCH_HEAD,
     HEARTBEAT,
     FakeClock,
-    Rig,
     doc_id,
     feed,
+    read_everything_at_once,
     rig,
     row,
     rows,
@@ -541,14 +541,6 @@ def test_a_line_that_is_not_json_is_a_feed_error_then_a_reconnect() -> None:
     assert str(event.error).startswith("a feed line is not JSON (Expecting value: ")
     assert str(event.error).endswith("): '<html>Bad Gateway</html>'")
     assert since_of(second) == seq(1) and r.ids == [doc_id(1), doc_id(2), doc_id(3)]
-
-
-def read_everything_at_once(r: Rig) -> None:
-    """Let the whole first response (and its end) arrive before the consumer reads any of it."""
-    stream = r.stream()
-    r.run_until(lambda: stream.state == "receiving")
-    r.srv.wait_for_requests(1)
-    time.sleep(0.05)
 
 
 def test_rows_before_a_bad_line_in_the_same_read_are_delivered() -> None:
