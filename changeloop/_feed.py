@@ -112,6 +112,9 @@ class LineDecoder:
         """Like :meth:`feed`, appending to ``rows``: when a line fails, the rows of the lines
         before it are in ``rows`` already, for the caller to deliver before the error.
         """
+        if data == b"\n" and not self._tail:  # a heartbeat alone: an idle feed's usual read
+            self.heartbeats += 1
+            return
         last = data.rfind(b"\n")
         if last < 0:
             self._hold(self._tail + data if self._tail else data)

@@ -223,7 +223,11 @@ class FeedStream:
                 self.bytes_received += len(data)
                 self._parser.receive_data(data)
                 self._process(rows)
-                if not data or self.state == _ENDED:
+                if len(data) < RECV_BYTES or self.state == _ENDED:
+                    # EOF, or the socket is drained: another recv() would only fail with EAGAIN
+                    # (an exception, and an idle feed's every heartbeat would pay it), and the
+                    # selector reports what arrives later. Bytes TLS holds decrypted are the
+                    # caller's has_buffered_bytes() check.
                     break
                 if len(rows) >= self._min_rows:
                     break  # hand these over before reading more (see RECV_BYTES)

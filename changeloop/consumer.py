@@ -659,7 +659,7 @@ class Consumer:
         if stream.ended:
             self._on_end(stream)
             return
-        if stream.fileno() != self._fd or self._state == _CONNECTING:
+        if self._state == _CONNECTING:  # only then can the fd (next address) or interest change
             self._register(stream)
         if stream.has_buffered_bytes():
             loop.call_soon(self._on_ready)  # TLS holds bytes that select() will not report

@@ -24,7 +24,7 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Set, Tuple, Union
 
 __all__ = ["Handler", "Handle", "TimerHandle", "Loop"]
 
@@ -173,6 +173,9 @@ class Loop:
         # Handlers with no interest: selectors cannot register zero events, so these leave the
         # selector and wait here, by the object given, until set_interest() asks for events.
         self._parked: Dict[FileLike, Handler] = {}
+        # The fds registered, modified or removed during the current dispatch batch: only for
+        # these can a selected key be stale (see _wants).
+        self._touched: Set[int] = set()
         self._state_lock = threading.Lock()
         self._running = False
         self._stopping = False
@@ -208,7 +211,7 @@ class Loop:
             raise ValueError("%r is already registered" % (fileobj,))
         events = _events(read, write)
         if events:
-            self._selector.register(fileobj, events, handler)
+            self._touched.add(self._selector.register(fileobj, events, handler).fd)
         else:
             self._parked[fileobj] = handler
 
@@ -234,13 +237,16 @@ class Loop:
         if key is not None:
             if not events:
                 self._selector.unregister(key.fileobj)
+                self._touched.add(key.fd)
                 self._parked[key.fileobj] = key.data
             elif events != key.events:
                 self._selector.modify(key.fileobj, events, key.data)
+                self._touched.add(key.fd)
         elif fileobj not in self._parked:
             raise ValueError("%r is not registered" % (fileobj,))
         elif events:
-            self._selector.register(fileobj, events, self._parked.pop(fileobj))
+            key = self._selector.register(fileobj, events, self._parked.pop(fileobj))
+            self._touched.add(key.fd)
 
     def remove_handler(self, fileobj: FileLike) -> None:
         """Forget ``fileobj`` and its handler, without closing it. Idempotent; not thread-safe.
@@ -251,6 +257,7 @@ class Loop:
         key = None if self._closed else self._key(fileobj)
         if key is not None:
             self._selector.unregister(key.fileobj)
+            self._touched.add(key.fd)
         self._parked.pop(fileobj, None)
 
     # -- timers and callbacks ----------------------------------------------------------------
@@ -536,7 +543,10 @@ class Loop:
         return handler
 
     def _wants(self, key: selectors.SelectorKey, event: int) -> bool:
-        # An earlier handler of this batch may have removed this one, or changed its interest.
+        # An earlier handler of this batch may have removed this one, or changed its interest;
+        # only file objects touched since the batch began need the (slower) map lookup.
+        if key.fd not in self._touched:
+            return bool(key.events & event)
         current = self._selector.get_map().get(key.fd)
         return current is not None and current.data is key.data and bool(current.events & event)
 
@@ -579,6 +589,7 @@ class Loop:
 
     def _pass(self, timeout: Optional[float]) -> None:
         ready_count = len(self._ready)  # only callbacks queued before this pass run in it
+        self._touched.clear()  # file objects (re)registered since this batch was selected
         for key, mask in self._selector.select(self._select_timeout(timeout)):
             self._dispatch(key, mask)
         # Pop every due timer before running any (as pika does): all see the same "now", and a

@@ -405,6 +405,44 @@ def test_handler_removed_in_the_same_batch_is_not_called(
     assert len(called) == 1
 
 
+@pytest.mark.parametrize("reuse", [False, True], ids=["interest-dropped", "fd-reused"])
+def test_stale_events_of_a_batch_reach_no_handler(
+    reuse: bool, loop: Loop, socketpair: Callable[[], SocketPair]
+) -> None:
+    # Both sockets are readable in one select() batch; the first handler to run stops the
+    # other's read interest, or closes it and registers a new socket that reuses its fd
+    # number. Neither the old handler nor the new one may get the batch's stale read event.
+    (a, a_peer), (b, b_peer) = socketpair(), socketpair()
+    calls: List[str] = []
+    newcomer = Recorder(a)
+
+    class First(Recorder):
+        def handle_read(self) -> None:
+            calls.append("first")
+            other = b if self.sock is a else a
+            if not reuse:
+                loop.set_interest(other, read=False, write=False)
+                return
+            loop.remove_handler(other)
+            fd = other.fileno()
+            other.close()
+            c, c_peer = socketpair()  # the lowest free fd: the one just closed
+            assert c.fileno() == fd
+            c_peer.send(b"not yet")
+            newcomer.sock = c
+            loop.add_handler(c, newcomer)
+
+    loop.add_handler(a, First(a))
+    loop.add_handler(b, First(b))
+    a_peer.send(b"x")
+    b_peer.send(b"y")
+    deadline = time.monotonic() + WAKE_BOUND_S
+    while len(select.select([a, b], [], [], 0.01)[0]) < 2:
+        assert time.monotonic() < deadline
+    loop.run_once(0)  # both are ready in this one select() batch
+    assert calls == ["first"] and newcomer.data == b""
+
+
 def test_set_interest_modifies_only_on_change_and_parks_on_none(
     socketpair: Callable[[], SocketPair],
 ) -> None:
