@@ -89,6 +89,7 @@ class FeedStream:
         self.state = _CONNECTING
         self._want = Want.WRITE
         self._min_rows = min_rows
+        self._feeding = False  # whether body bytes are feed lines (a 200, not a document)
         #: The response's status code, once its head arrived (0 before). Only the status is
         #: kept: the head's header list would cost about 1 KB for as long as the feed lives.
         self.status_code = 0
@@ -180,6 +181,17 @@ class FeedStream:
             return self._receive()
         return []
 
+    def is_quiet(self) -> bool:
+        """Whether the last :meth:`on_ready` left nothing to act on besides the rows it returned:
+        still receiving, no error, no ``last_seq`` line, no TLS bytes held (an idle feed's
+        heartbeat, checked in one call)."""
+        return (
+            self.state == _RECEIVING
+            and self.error is None
+            and self.decoder.last_seq is None
+            and not self.connection.pending()
+        )
+
     def has_buffered_bytes(self) -> bool:
         """Whether TLS holds decrypted bytes that ``select()`` will not report: read again."""
         return self.state == _RECEIVING and self.connection.pending() > 0
@@ -221,6 +233,9 @@ class FeedStream:
                 if data is None:
                     break
                 self.bytes_received += len(data)
+                if self._feeding and self._parser.receive_heartbeat(data):
+                    self.decoder.feed_into(b"\n", rows)  # an idle feed's every read
+                    break
                 self._parser.receive_data(data)
                 self._process(rows)
                 if len(data) < RECV_BYTES or self.state == _ENDED:
@@ -254,6 +269,7 @@ class FeedStream:
                 self.status_code = event.status_code
                 if event.status_code != 200:
                     self._error_status = event.status_code
+                self._feeding = not self._error_status and not self.one_shot
             elif isinstance(event, EndOfMessage):
                 self.state = _ENDED
                 if self._error_status:

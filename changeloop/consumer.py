@@ -630,6 +630,8 @@ class Consumer:
         had_body = bool(decoder.rows or decoder.heartbeats)
         rows = stream.on_ready()
         self._last_activity = loop.time()
+        if not rows and had_body and self._caught_up and stream.is_quiet():
+            return  # a heartbeat: what an idle feed's reads bring, so checked first and once
         if stream.document is not None:
             self._on_resolved(stream.document)
             return

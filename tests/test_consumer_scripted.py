@@ -138,6 +138,21 @@ def test_one_row_split_over_many_chunks_in_separate_segments() -> None:
     assert r.ids == [doc_id(1), doc_id(2)]
 
 
+def test_a_newline_chunk_alone_ends_a_row_rather_than_being_a_heartbeat() -> None:
+    # The reads of an idle feed take a shortcut past the parser (a lone "\n" chunk); a proxy
+    # that re-chunks can send a row's own newline that way, and it must end the row.
+    line = row(1)
+    script: List[Any] = [Read(), Send(COUCH_HEAD + chunk(line[:-1])), Pause(0.005)]
+    script += [Send(HEARTBEAT), Pause(0.005), Send(HEARTBEAT), Stall()]
+    assert chunk(line[-1:]) == HEARTBEAT
+    with rig([script]) as r:
+        r.start()
+        r.run_until(lambda: r.changes and r.consumer._caught_up)
+        stream = r.stream()
+        assert (stream.decoder.rows, stream.decoder.heartbeats) == (1, 1)
+    assert r.changes == [json.loads(line)]
+
+
 def test_rows_split_into_one_byte_chunks() -> None:
     body = rows(1, 2) + b"\n" + row(3)
     byte_chunks = b"".join(chunk(body[i : i + 1]) for i in range(len(body)))

@@ -1,6 +1,7 @@
 """The sans-IO response parser: every framing fed whole, byte by byte, and at random splits."""
 
 import random
+import re
 from typing import Iterable, List, Tuple, Union
 
 import pytest
@@ -402,6 +403,88 @@ def test_repr_says_where_it_is() -> None:
 
 
 # -- properties -----------------------------------------------------------------------------------
+
+# -- the heartbeat shortcut ------------------------------------------------------------------
+
+HEARTBEAT = b"1\r\n\n\r\n"
+
+
+def feed_offering_heartbeats(pieces: Iterable[bytes]) -> Tuple[List[Event], int]:
+    """Like ``feed``, but each piece goes to ``receive_heartbeat`` first; count those taken."""
+    parser = ResponseParser()
+    events: List[Event] = []
+    taken = 0
+    for piece in pieces:
+        if parser.receive_heartbeat(piece):
+            taken += 1
+            events.append(Data(b"\n"))  # what the caller does with a heartbeat taken
+            assert parser.next_event() is NEED_DATA
+            continue
+        parser.receive_data(piece)
+        while not isinstance(event := parser.next_event(), Sentinel):
+            events.append(event)
+    return events, taken
+
+
+def test_a_lone_heartbeat_at_a_chunk_boundary_is_taken_in_one_call() -> None:
+    parser = ResponseParser()
+    assert not parser.receive_heartbeat(HEARTBEAT)  # no head yet
+    parser.receive_data(CHUNKED_HEAD)
+    assert isinstance(parser.next_event(), Response)
+    assert parser.receive_heartbeat(HEARTBEAT)
+    assert parser.next_event() is NEED_DATA
+    assert not parser.receive_heartbeat(HEARTBEAT + HEARTBEAT)  # only a lone one
+    assert not parser.receive_heartbeat(b"1\r\nx\r\n")
+    parser.receive_data(b"3\r\nab")  # in the middle of a chunk: a "heartbeat" here is data
+    assert parser.next_event() == Data(b"ab")
+    assert not parser.receive_heartbeat(HEARTBEAT)
+    parser.receive_data(b"c")
+    assert parser.next_event() == Data(b"c")
+    assert not parser.receive_heartbeat(HEARTBEAT)  # the chunk's CRLF is still due
+    parser.receive_data(b"\r\n")
+    assert parser.next_event() is NEED_DATA
+    assert parser.receive_heartbeat(HEARTBEAT)
+    parser.receive_data(b"0\r\n")  # the last chunk: trailers may follow
+    assert parser.next_event() is NEED_DATA
+    assert not parser.receive_heartbeat(HEARTBEAT)
+
+
+def test_a_heartbeat_is_not_taken_where_bytes_wait_or_after_eof_or_without_chunks() -> None:
+    parser = ResponseParser()
+    parser.receive_data(CHUNKED_HEAD + b"1")  # the start of a size line waits in the buffer
+    assert isinstance(parser.next_event(), Response) and parser.next_event() is NEED_DATA
+    assert not parser.receive_heartbeat(HEARTBEAT)
+    parser = ResponseParser()
+    parser.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n")
+    assert isinstance(parser.next_event(), Response)
+    assert not parser.receive_heartbeat(HEARTBEAT)  # Content-Length bodies have no chunks
+    parser = ResponseParser()
+    parser.receive_data(CHUNKED_HEAD)
+    assert isinstance(parser.next_event(), Response)
+    parser.receive_data(b"")
+    assert not parser.receive_heartbeat(HEARTBEAT)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.one_of(st.just(b"\n"), st.binary(min_size=1, max_size=30)), min_size=0, max_size=12
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=600), max_size=20),
+)
+def test_offering_heartbeats_first_changes_nothing(rows: List[bytes], cuts: List[int]) -> None:
+    raw = CHUNKED_HEAD + b"".join(chunk(r) for r in rows) + b"0\r\n\r\n"
+    points = sorted({c % (len(raw) + 1) for c in cuts})
+    pieces = [raw[a:b] for a, b in zip([0] + points, points + [len(raw)])]
+    pieces = [p for p in pieces if p]
+    # Heartbeats arriving alone, as on an idle feed: cut around every heartbeat chunk too.
+    lone = [q for p in pieces for q in re.split(b"(" + re.escape(HEARTBEAT) + b")", p) if q]
+    for variant in (pieces, lone):
+        events, _ = feed_offering_heartbeats(variant)
+        assert merged(events) == merged(feed(variant)[0])
+    taken = feed_offering_heartbeats([CHUNKED_HEAD, HEARTBEAT, HEARTBEAT, b"0\r\n\r\n"])[1]
+    assert taken == 2
+
 
 ROWS = st.lists(st.binary(min_size=0, max_size=40), min_size=0, max_size=12)
 
