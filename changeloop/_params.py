@@ -18,6 +18,9 @@ __all__ = ["ChangesRequest", "changes_request", "DEFAULT_HEARTBEAT_MS"]
 DEFAULT_HEARTBEAT_MS = 30_000
 #: The interval CouchDB uses for ``heartbeat=true``.
 COUCHDB_TRUE_HEARTBEAT_MS = 60_000
+#: How long CouchDB keeps a continuous feed without heartbeats open when nothing changes, by
+#: default (``chttpd/changes_timeout``); it then ends the feed with a ``last_seq`` line.
+COUCHDB_CHANGES_TIMEOUT_MS = 60_000
 
 _FEEDS = ("normal", "longpoll", "continuous")
 
@@ -105,3 +108,18 @@ def heartbeat_seconds(query: Mapping[str, Any]) -> Optional[float]:
     if heartbeat is True or heartbeat == "true":
         return COUCHDB_TRUE_HEARTBEAT_MS / 1000.0
     return float(heartbeat) / 1000.0
+
+
+def silence_allowance(query: Mapping[str, Any], heartbeats: float) -> float:
+    """How many seconds a healthy continuous feed asked with ``query`` may stay silent.
+
+    With heartbeats, ``heartbeats`` of them. Without, the server ends a silent feed itself after
+    its ``timeout`` (CouchDB's 60 s by default), so that long plus the same margin as for the
+    default heartbeat.
+    """
+    heartbeat = heartbeat_seconds(query)
+    if heartbeat is not None:
+        return heartbeat * heartbeats
+    timeout = query.get("timeout")
+    ends_after = COUCHDB_CHANGES_TIMEOUT_MS if timeout is None else float(timeout)
+    return (ends_after + DEFAULT_HEARTBEAT_MS * heartbeats) / 1000.0

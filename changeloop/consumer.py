@@ -24,7 +24,13 @@ import weakref
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Union
 
 from ._feed import MAX_LINE_BYTES, decode_document
-from ._params import DEFAULT_HEARTBEAT_MS, ChangesRequest, changes_request, heartbeat_seconds
+from ._params import (
+    DEFAULT_HEARTBEAT_MS,
+    ChangesRequest,
+    changes_request,
+    heartbeat_seconds,
+    silence_allowance,
+)
 from ._request import serialize_request
 from ._stream import FeedStream
 from ._transport import NonBlockingConnection, Want
@@ -197,6 +203,7 @@ class Consumer:
         "_params",
         "_rng",
         "_saved_at",
+        "_silence",
         "_since",
         "_state",
         "_stop_requested",
@@ -279,6 +286,7 @@ class Consumer:
         self._fd = -1
         self._params: Dict[str, Any] = {}
         self._since: Any = None
+        self._silence = 0.0  # the watchdog's allowance once the body flows, set by start()
         self._limit: Optional[int] = None
         self._timer: Optional[TimerHandle] = None  # connect timeout, watchdog or backoff
         self._last_activity = 0.0
@@ -440,6 +448,7 @@ class Consumer:
         self._since = stored if stored is not None else since
         self._limit = params.get("limit")
         self._params = params
+        self._silence = silence_allowance(params, self.watchdog_heartbeats)
         self._state = _CONNECTING
         self.error = None
         self._stop_requested = False
@@ -866,11 +875,9 @@ class Consumer:
 
     def _allowance(self) -> float:
         stream = self._stream
-        heartbeat = heartbeat_seconds(self._params) or DEFAULT_HEARTBEAT_MS / 1000.0
-        silence = heartbeat * self.watchdog_heartbeats
         if stream is None or stream.decoder.rows or stream.decoder.heartbeats:
-            return silence
-        return max(silence, self.first_byte_timeout)  # nothing of the body yet
+            return self._silence
+        return max(self._silence, self.first_byte_timeout)  # nothing of the body yet
 
     def _watchdog(self) -> None:
         """Fire at most once per allowance: O(1) per feed, whatever the traffic."""

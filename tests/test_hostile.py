@@ -63,6 +63,7 @@ from changeloop import (
     TLSError,
     Unauthorized,
 )
+from changeloop._params import silence_allowance
 from changeloop._readers import MAX_HEAD_BYTES
 from changeloop._stream import RECV_BYTES
 from changeloop.checkpoint import MemoryCheckpoint
@@ -353,6 +354,37 @@ def test_watchdog_tightens_to_heartbeats_once_the_body_starts() -> None:
         r.run_until(lambda: r.errors())
         (event,) = r.errors()
     assert str(event.error) == "no data for 3.1 s: the connection is presumed dead"
+
+
+@pytest.mark.parametrize(
+    "query, seconds",
+    [
+        ({"heartbeat": 5000}, 15.0),
+        ({"heartbeat": "true"}, 180.0),  # CouchDB's heartbeat=true is every 60 s
+        ({"heartbeat": True, "timeout": 1000}, 180.0),  # a heartbeat overrides the timeout
+        ({}, 150.0),  # no heartbeat: CouchDB's 60 s changes_timeout, plus 3 x 30 s
+        ({"heartbeat": None, "timeout": 5000}, 95.0),
+    ],
+)
+def test_silence_allowance(query: Dict[str, Any], seconds: float) -> None:
+    assert silence_allowance(query, 3.0) == seconds
+
+
+def test_without_heartbeats_the_watchdog_waits_for_the_servers_own_timeout() -> None:
+    # heartbeat=None: CouchDB keeps a quiet feed open for `timeout` ms, then ends it with a
+    # last_seq line. The watchdog allows that, plus the margin of three default heartbeats.
+    clock = FakeClock()
+    with rig([feed(HEARTBEAT)], clock=clock) as r:  # CouchDB's "\n" as a quiet feed opens
+        r.start(since=0, heartbeat=None, timeout=120_000)
+        r.run_until(lambda: "caught_up" in r.kinds())
+        assert "heartbeat" not in r.srv.requests[0].target
+        clock.advance(209.9)  # 120 s + 3 x 30 s
+        settle(r.loop)
+        assert r.errors() == [] and r.consumer.state == "streaming"
+        clock.advance(0.2)
+        r.run_until(lambda: r.errors())
+        (event,) = r.errors()
+    assert str(event.error) == "no data for 210.1 s: the connection is presumed dead"
 
 
 # -- lifecycle callbacks --------------------------------------------------------------------
