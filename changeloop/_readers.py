@@ -327,9 +327,12 @@ def _split_chunks(data: bytes, pos: int, parts: List[bytes]) -> int:
     that does not pass, so the errors and limits stay those of the exact loop.
 
     Returns:
-        The offset after the chunks taken (``pos`` when none could be), or -1 when a chunk's
-        data held a CRLF (JSON whitespace, or a re-chunked feed with CRLF line ends): the caller
-        then stops trying for the rest of the message.
+        The offset after the chunks taken (``pos`` when there were too few to bother), or -1
+        when the framing is not plain: a chunk's data held a CRLF (a normal feed's ``,\r\n``
+        between rows, a re-chunked feed with CRLF line ends), which also puts the pieces out of
+        step so that a "size" is not hex, or there are extensions or malformed size lines. The
+        caller then stops trying for the rest of the message: each try would cost a split of
+        the whole receive for nothing (measured: 48 of 112 ms of a 100,000-row normal feed).
     """
     pieces = (data[pos:] if pos else data).split(b"\r\n")
     pairs = (len(pieces) - 1) // 2  # (size, data) pairs followed by a CRLF
@@ -347,12 +350,12 @@ def _split_chunks(data: bytes, pos: int, parts: List[bytes]) -> int:
     if not canonical:
         digits = b"".join(sizes)
         if digits.translate(None, _HEX_DIGITS) or max(map(len, sizes)) > MAX_CHUNK_SIZE_DIGITS:
-            return pos  # an extension, a bare LF, a sign, a blank or too many digits: read exactly
+            return -1  # pieces out of step, an extension, a bare LF, a sign or too many digits
         try:
             if list(map(int, sizes, repeat(16))) != lengths:
                 return -1
         except ValueError:  # an empty size line
-            return pos
+            return -1
     if 0 in lengths:  # the last chunk: it and its trailers go through the exact loop
         pairs = lengths.index(0)
         del datas[pairs:], lengths[pairs:], sizes[pairs:]

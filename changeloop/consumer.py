@@ -397,10 +397,16 @@ class Consumer:
                 if "timeout" not in request.query
                 else (float(request.query["timeout"]) / 1000.0 + (timeout or 0.0))
             )
-        _, _, body = self.db.server.raw_request(
-            request.method, request.path, params=request.query, body=request.body, timeout=timeout
+        # The body goes to decode_document as its only reference, so it can drop it early.
+        return decode_document(
+            self.db.server.raw_request(
+                request.method,
+                request.path,
+                params=request.query,
+                body=request.body,
+                timeout=timeout,
+            )[2]
         )
-        return decode_document(body)
 
     # -- continuous feeds ---------------------------------------------------------------------
 

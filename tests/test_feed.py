@@ -1,5 +1,6 @@
 """The feed decoder: lines split after de-chunking, on the fast path and the plain fallback."""
 
+import gc
 import json
 import random
 from typing import Any, Dict, List
@@ -8,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from changeloop import _feed
 from changeloop._feed import FAST_SCANNER, LastSeq, LineDecoder, decode_document
 from changeloop.errors import FeedError, LineTooLongError
 
@@ -203,3 +205,27 @@ def test_decode_couchdb3_longpoll_layout() -> None:
 def test_decode_document_errors(body: bytes) -> None:
     with pytest.raises(FeedError):
         decode_document(body)
+
+
+@pytest.mark.parametrize("collector_on", [True, False], ids=["gc-on", "gc-off"])
+def test_a_large_document_is_decoded_with_the_collector_paused_then_restored(
+    collector_on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    row = b'{"seq":"%d-g1","id":"doc","changes":[{"rev":"1-x"}]}'
+    body = b'{"results":[\n' + b",\r\n".join(row % n for n in range(30_000)) + b'\n],"last_seq":1}'
+    assert len(body) >= _feed.PAUSE_GC_BYTES
+    seen: List[bool] = []
+    real_loads = json.loads
+    monkeypatch.setattr(json, "loads", lambda text: seen.append(gc.isenabled()) or real_loads(text))
+    (gc.enable if collector_on else gc.disable)()
+    try:
+        document = decode_document(body)
+        assert len(document["results"]) == 30_000 and document["results"][-1]["seq"] == "29999-g1"
+        assert seen == [False] and gc.isenabled() is collector_on  # paused, then as it was
+        with pytest.raises(FeedError, match="not JSON"):
+            decode_document(body[:-1])  # cut short: the error restores the collector too
+        assert gc.isenabled() is collector_on
+        decode_document(row.join([b'{"results":[', b"]}"]) % 1)  # small: never paused
+        assert seen[-1] is collector_on
+    finally:
+        gc.enable()

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from changeloop import _readers
 from changeloop._events import (
     NEED_DATA,
     PAUSED,
@@ -403,6 +404,23 @@ def test_repr_says_where_it_is() -> None:
 
 
 # -- properties -----------------------------------------------------------------------------------
+
+# -- bulk de-chunking -----------------------------------------------------------------------
+
+
+def test_bulk_dechunking_stays_on_for_plain_chunks_and_goes_off_for_crlf_in_data() -> None:
+    # Chunks of plain rows are stripped in bulk; data holding CRLF (a normal feed's ",\r\n"
+    # between rows) puts the split out of step: the exact loop then takes over for good,
+    # rather than every receive paying for a split that cannot work.
+    plain = [b'{"seq":%d}\n' % n for n in range(20)]
+    crlf = [b'{"results":[\n'] + [b'{"seq":%d},\r\n' % n for n in range(20)]
+    for pieces, bulk in ((plain, True), (crlf, False)):
+        parser = ResponseParser()
+        parser.receive_data(CHUNKED_HEAD + b"".join(chunk(piece) for piece in pieces))
+        assert isinstance(parser.next_event(), Response)
+        assert parser.next_event() == Data(b"".join(pieces))
+        assert parser._reader._bulk is (bulk and _readers._CPYTHON)
+
 
 # -- the heartbeat shortcut ------------------------------------------------------------------
 
