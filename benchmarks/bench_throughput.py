@@ -7,9 +7,11 @@ decodes every row to a dict; the rounds go round-robin over the pipelines, and t
 the median of each. The baseline, (b), is the obvious correct pure-Python pipeline: a raw socket,
 the chunk framing removed with ``bytes.find`` and offsets, lines split on ``b"\\n"`` and
 ``json.loads`` per non-empty line. The changeloop rows are its continuous ``Consumer`` end to end
-(socket, HTTP parser, feed decoder, loop, and a callback per change that does nothing), also
-with the feed decoder's plain fallback forced and over TLS. Other clients are measured when
-importable, and a tuned pure-stdlib pipeline gives a reference ceiling.
+(socket, HTTP parser, feed decoder, loop, and a callback per change that does nothing), also in
+batch mode (``batch_size=1000``, a callback per list that counts it), with the feed decoder's
+plain fallback forced, and over TLS. Other clients are measured when importable, and a tuned
+pure-stdlib pipeline gives a reference ceiling. ``benchmarks/bench_fetch.py`` measures the
+one-shot ``fetch()``/``wait_once()`` on large bodies.
 
     python benchmarks/bench_throughput.py [--quick | --rows N] [--rounds R] [--include-docs]
         [--only NAME,...] [--compare DIR] [--profile] [--no-c-json]
@@ -54,7 +56,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 import changeloop  # noqa: E402
 
-#: Bytes asked of each ``recv`` by the hand-written pipelines: changeloop's own RECV_BYTES.
+#: Bytes asked of each ``recv`` by the hand-written pipelines: the blocking client's RECV_BYTES
+#: (the loop's feeds ask for less on CPython; see changeloop/_stream.py).
 RECV_BYTES = 256 * 1024
 #: How long the server may take to pregenerate its stream and start listening.
 SERVER_START_TIMEOUT_S = 120.0
@@ -76,6 +79,7 @@ class Target(NamedTuple):
 
     def base_url(self, tls: bool = False) -> str:
         if tls:
+            assert self.tls_port is not None
             return "https://%s:%d" % (self.host, self.tls_port)
         return "http://%s:%d" % (self.host, self.port)
 
@@ -86,8 +90,11 @@ class Target(NamedTuple):
 class FeedServer:
     """The ``_feedserver.py`` subprocess: started with the stream size, stopped on exit."""
 
-    def __init__(self, rows: int, include_docs: bool, tls_pem: Optional[str]) -> None:
+    def __init__(
+        self, rows: int, include_docs: bool, tls_pem: Optional[str], feed: str = "continuous"
+    ) -> None:
         command = [sys.executable, os.path.join(HERE, "_feedserver.py"), "--rows", str(rows)]
+        command += ["--feed", feed]
         if include_docs:
             command.append("--include-docs")
         if tls_pem:
@@ -186,7 +193,7 @@ def _dechunk(buf: bytes) -> Tuple[List[bytes], int, bool]:
 
     Returns the chunks' data, the bytes consumed, and whether the last (zero-size) chunk came.
     """
-    parts = []
+    parts: List[bytes] = []
     pos = 0
     find = buf.find
     while True:
@@ -362,13 +369,29 @@ def plain_decoder(package: types.ModuleType) -> Iterator[None]:
             setattr(feed, name, value)
 
 
+#: The batch size of the batch-mode pipeline: a typical bulk write (``_bulk_docs``) size.
+BATCH_SIZE = 1000
+
+
 def pipeline_changeloop(
-    target: Target, package: types.ModuleType = changeloop, tls: bool = False, fast: bool = True
+    target: Target,
+    package: types.ModuleType = changeloop,
+    tls: bool = False,
+    fast: bool = True,
+    batch_size: Optional[int] = None,
 ) -> int:
-    """changeloop's continuous Consumer, stopping at ``limit`` rows; a do-nothing callback."""
+    """changeloop's continuous Consumer, stopping at ``limit`` rows; a do-nothing callback.
+
+    With ``batch_size``, the consumer delivers lists and the callback counts their lengths; the
+    count must agree with the consumer's own.
+    """
+    batched = [0]
 
     def callback(change: Dict[str, Any]) -> None:
         pass
+
+    def batch_callback(changes: List[Dict[str, Any]]) -> None:
+        batched[0] += len(changes)
 
     params: Dict[str, Any] = {"limit": target.rows}
     if target.include_docs:
@@ -379,12 +402,18 @@ def pipeline_changeloop(
         server = package.Server(target.base_url(tls), cafile=target.cafile if tls else None)
         stack.callback(server.close)
         loop = stack.enter_context(package.Loop())
-        consumer = package.Consumer(server.get_db(DB), loop)
-        consumer.start(callback, since=0, **params)
+        if batch_size is None:
+            consumer = package.Consumer(server.get_db(DB), loop)
+            consumer.start(callback, since=0, **params)
+        else:
+            consumer = package.Consumer(server.get_db(DB), loop, batch_size=batch_size)
+            consumer.start(batch_callback, since=0, **params)
         loop.run()
     if consumer.error is not None:
         raise consumer.error
     delivered: int = consumer.delivered
+    if batch_size is not None and batched[0] != delivered:
+        raise RuntimeError("the batches held %d changes, not %d" % (batched[0], delivered))
     return delivered
 
 
@@ -558,6 +587,33 @@ class Pipeline(NamedTuple):
     note: str = ""
 
 
+def source_revision(package: types.ModuleType) -> str:
+    """The git commit of the tree ``package`` was imported from, and whether it is modified."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(package.__file__ or "")))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "changeloop"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "%s (not a git checkout)" % os.path.dirname(package.__file__ or "")
+    return "%s at %s%s" % (
+        os.path.dirname(package.__file__ or ""),
+        commit,
+        " (modified)" if changed else "",
+    )
+
+
 def machine() -> str:
     return "%d cores, %s %s, %s" % (
         os.cpu_count() or 0,
@@ -594,10 +650,10 @@ def main() -> int:
 
     print("command: %s" % " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv))
     print("machine: %s" % machine())
-    print("changeloop: %s" % os.path.dirname(changeloop.__file__))
+    print("changeloop: %s" % source_revision(changeloop))
     compare = load_package_copy(args.compare) if args.compare else None
     if compare is not None:
-        print("compared with: %s" % os.path.dirname(compare.__file__))
+        print("compared with: %s" % source_revision(compare))
 
     with tempfile.TemporaryDirectory() as directory:
         pems = make_certificates(directory)
@@ -644,6 +700,11 @@ def build_pipelines(
             target, stream_bytes)),
         Pipeline("b", "(b) find/offsets + split + json.loads", lambda: pipeline_obvious(target)),
         Pipeline("changeloop", "changeloop Consumer", lambda: pipeline_changeloop(target)),
+        Pipeline(
+            "changeloop-batch",
+            "changeloop Consumer, batch_size=%d" % BATCH_SIZE,
+            lambda: pipeline_changeloop(target, batch_size=BATCH_SIZE),
+        ),
         Pipeline(
             "changeloop-plain",
             "changeloop Consumer, plain decoder",
