@@ -111,16 +111,8 @@ def changeloop_raw(target: Target, package: types.ModuleType) -> Callable[[], Do
 
 def http_client_read(target: Target) -> Document:
     """The stdlib's obvious way: http.client (which removes the chunking), read(), json.loads."""
-    conn = http.client.HTTPConnection(target.host, target.port)
-    try:
-        conn.request("GET", target.path(DB), headers={"Accept": "application/json"})
-        response = conn.getresponse()
-        if response.status != 200:
-            raise RuntimeError("status %d" % response.status)
-        document: Document = json.loads(response.read())
-        return document
-    finally:
-        conn.close()
+    document: Document = json.loads(fetch_body(target))
+    return document
 
 
 class BlockDecoder:

@@ -6,6 +6,7 @@ this test imported (under tox, the installed wheel), ``HOME`` at an empty direct
 line by line by threads with a deadline, and every process is killed at teardown if still alive.
 """
 
+import contextlib
 import json
 import os
 import queue
@@ -427,31 +428,35 @@ def test_a_closed_pipe_stops_quietly(
             process.communicate()
 
 
-@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
-def test_progress_on_a_terminal_only(
-    env: Dict[str, str], tmp_path: Path, couchdb_url: str, couchdb_admin: CouchAdmin, db: str
-) -> None:
-    put(couchdb_admin, db, "a")
+@contextlib.contextmanager
+def on_a_terminal(
+    args: Sequence[str], env: Dict[str, str], cwd: Path
+) -> Iterator[Callable[..., bytes]]:
+    """Run the command with stderr on a pseudo-terminal; yield ``wait_for(text)``, which reads
+    stderr until ``text`` shows (or the read deadline passes) and returns all read so far. The
+    command is stopped with SIGTERM at the end, and must exit 0."""
     master, slave = os.openpty()
     process = subprocess.Popen(
-        [sys.executable, "-m", "changeloop", couchdb_url + "/" + db],
+        [sys.executable, "-m", "changeloop", *args],
         stdout=subprocess.DEVNULL,
         stderr=slave,
         env=env,
-        cwd=str(tmp_path),
+        cwd=str(cwd),
     )
     os.close(slave)
-    try:
-        # The line is drawn as changes come, at most every 0.25 s: write until one is drawn.
-        seen, written = b"", 1
+    seen = [b""]
+
+    def wait_for(text: bytes, meanwhile: Callable[[], None] = lambda: None) -> bytes:
         deadline = time.monotonic() + READ_TIMEOUT_S
-        while b"catching up: " not in seen and time.monotonic() < deadline:
+        while text not in seen[0] and time.monotonic() < deadline:
             if select.select([master], [], [], 0.3)[0]:
-                seen += os.read(master, 1024)
+                seen[0] += os.read(master, 1024)
             else:
-                written += 1
-                put(couchdb_admin, db, "doc-%d" % written)
-        assert b"catching up: " in seen and b" changes, " in seen
+                meanwhile()
+        return seen[0]
+
+    try:
+        yield wait_for
         process.send_signal(signal.SIGTERM)
         assert process.wait(EXIT_TIMEOUT_S) == 0
     finally:
@@ -459,6 +464,23 @@ def test_progress_on_a_terminal_only(
             process.kill()
             process.wait()
         os.close(master)
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_progress_on_a_terminal_only(
+    env: Dict[str, str], tmp_path: Path, couchdb_url: str, couchdb_admin: CouchAdmin, db: str
+) -> None:
+    put(couchdb_admin, db, "a")
+    written = [1]
+
+    def write_one() -> None:
+        written[0] += 1
+        put(couchdb_admin, db, "doc-%d" % written[0])
+
+    with on_a_terminal([couchdb_url + "/" + db], env, tmp_path) as wait_for:
+        # The line is drawn as changes come, at most every 0.25 s: write until one is drawn.
+        seen = wait_for(b"catching up: ", meanwhile=write_one)
+        assert b"catching up: " in seen and b" changes, " in seen
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
@@ -471,28 +493,8 @@ def test_progress_counts_down_what_the_server_reports_pending(
     catching_up = feed(pieces[0], then=Pause(0.3))[:-1]
     catching_up += [Pause(0.3), Send(pieces[1]), Pause(0.3), Send(pieces[2]), Stall()]
     with ScriptedServer([normal_since_now(seq(0), pending=50), catching_up]) as srv:
-        master, slave = os.openpty()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "changeloop", srv.url + "/db"],
-            stdout=subprocess.DEVNULL,
-            stderr=slave,
-            env=env,
-            cwd=str(tmp_path),
-        )
-        os.close(slave)
-        try:
-            seen = b""
-            deadline = time.monotonic() + READ_TIMEOUT_S
-            while b" pending, " not in seen and time.monotonic() < deadline:
-                if select.select([master], [], [], 0.3)[0]:
-                    seen += os.read(master, 1024)
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(EXIT_TIMEOUT_S) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            os.close(master)
+        with on_a_terminal([srv.url + "/db"], env, tmp_path) as wait_for:
+            seen = wait_for(b" pending, ")
         counting, following = srv.requests[:2]
     assert "limit=0" in counting.target and "feed=normal" in counting.target
     assert "feed=continuous" in following.target
