@@ -418,6 +418,19 @@ class Server:
                 return
         connection.close()
 
+    def expire_session(self) -> bool:
+        """Forget the ``/_session`` cookie, so that the next request logs in again.
+
+        For a 401 met outside :meth:`request` (a continuous feed's): CouchDB's cookies expire
+        (after 10 minutes by default) and are refreshed only by requests made in time.
+
+        Returns:
+            whether there was a cookie to forget (never without ``session=True``).
+        """
+        had_cookie = self._cookie is not None
+        self._cookie = None
+        return had_cookie
+
     def request_headers(self) -> List[Tuple[str, str]]:
         """The headers every request carries: content negotiation, identity, credentials.
 

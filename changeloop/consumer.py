@@ -203,6 +203,7 @@ class Consumer:
         "_params",
         "_rng",
         "_saved_at",
+        "_session_renewed",
         "_silence",
         "_since",
         "_state",
@@ -287,6 +288,7 @@ class Consumer:
         self._params: Dict[str, Any] = {}
         self._since: Any = None
         self._silence = 0.0  # the watchdog's allowance once the body flows, set by start()
+        self._session_renewed = False  # a 401 dropped the session cookie since the last connect
         self._limit: Optional[int] = None
         self._timer: Optional[TimerHandle] = None  # connect timeout, watchdog or backoff
         self._last_activity = 0.0
@@ -694,6 +696,7 @@ class Consumer:
     def _on_connected(self) -> None:
         loop = self.loop
         self._connected_at = loop.time()
+        self._session_renewed = False
         self._state = _STREAMING
         self._leave_gate()
         self._arm_watchdog()  # replaces the connect timer
@@ -842,7 +845,7 @@ class Consumer:
         if connected_at is not None and self.loop.time() - connected_at >= self.healthy_after:
             self._attempt = 0
         self._close_stream()
-        fatal = _is_fatal(exc)
+        fatal = _is_fatal(exc) and not self._renews_session(exc)
         delay = None if fatal else self._backoff()
         if fatal:
             logger.error("%s: %s; stopping", self.db.name, exc)
@@ -860,6 +863,17 @@ class Consumer:
             return
         self._state = _BACKOFF
         self._timer = self.loop.call_later(delay or 0.0, self._connect)
+
+    def _renews_session(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is a 401 for an expired session cookie, dropped now so that the next
+        connection logs in again. Once: a 401 again before a feed opens (a login refused, a
+        password changed) is fatal."""
+        if not isinstance(exc, HTTPError) or exc.status != 401 or self._session_renewed:
+            return False
+        self._session_renewed = self.db.server.expire_session()
+        if self._session_renewed:
+            logger.info("%s: the session cookie was refused; logging in again", self.db.name)
+        return self._session_renewed
 
     def _backoff(self) -> float:
         ceiling = min(self.reconnect_cap, self.reconnect_base * (2 ** min(self._attempt, 32)))

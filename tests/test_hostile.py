@@ -769,6 +769,41 @@ def test_a_failed_session_login_is_retried() -> None:
     assert srv.requests[2].target.startswith("/db/_changes?feed=continuous&since=0")
 
 
+def test_an_expired_session_cookie_is_renewed_once_then_a_401_is_fatal() -> None:
+    # CouchDB's cookies expire after 10 minutes: a feed that reconnects later meets a 401.
+    expired = error_response(401, "unauthorized", "You are not authorized to access this db.")
+    renewed = session_response(200).replace(b"YWRtaW46NjU3", b"YWRtaW46OTk5")
+    scripts = [
+        [Read(), Send(session_response(200)), Close()],
+        feed(chunk(row(1)), then=Close()),  # a cut: the reconnection is where the 401 comes
+        [Read(), Send(expired), Close()],
+        [Read(), Send(renewed), Close()],
+        feed(chunk(row(2)), then=Close()),
+        [Read(), Send(expired), Close()],  # renewed once per connection that opened: again
+        [Read(), Send(renewed), Close()],
+        [Read(), Send(expired), Close()],  # a 401 right after a login: the account is gone
+    ]
+    with ScriptedServer(scripts) as srv:
+        with Server(srv.url, auth=("admin", "pw"), session=True) as server, Loop() as loop:
+            events: List[FeedEvent] = []
+            seen: List[Change] = []
+            with Consumer(
+                server.get_db("db"), loop, on_error=events.append, reconnect_base=0.01
+            ) as consumer:
+                consumer.start(seen.append, since=0)
+                run_until(loop, lambda: not consumer.running, timeout=5.0)
+    assert [c["id"] for c in seen] == [doc_id(1), doc_id(2)]
+    targets = [r.target.split("?")[0] for r in srv.requests]
+    assert targets == ["/_session"] + ["/db/_changes", "/db/_changes", "/_session"] * 2 + [
+        "/db/_changes"
+    ]
+    cookies = [r.header("Cookie") for r in srv.requests if r.target.startswith("/db/")]
+    assert cookies == ["AuthSession=YWRtaW46NjU3"] * 2 + ["AuthSession=YWRtaW46OTk5"] * 3
+    assert [type(e.error) for e in events] == [ProtocolError, Unauthorized] * 2 + [Unauthorized]
+    assert [e.will_retry for e in events] == [True, True, True, True, False]
+    assert consumer.error is events[-1].error and consumer.state == "stopped"
+
+
 def test_ctrl_c_in_wait_saves_and_leaves_the_loop_usable() -> None:
     store = MemoryCheckpoint()
     with rig([feed(chunk(rows(1, 2, 3)))], checkpoint=store) as r:
