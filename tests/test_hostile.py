@@ -12,7 +12,7 @@ import json
 import random
 import ssl
 import time
-from typing import Any, Callable, Dict, List, Type
+from typing import Any, Callable, Dict, List, Tuple, Type
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -729,6 +729,22 @@ def session_response(status: int) -> bytes:
     )
 
 
+def follow_with_a_session(
+    scripts: List[Any], until: Callable[[Consumer, List[Change]], object]
+) -> Tuple[ScriptedServer, Consumer, List[Change], List[FeedEvent]]:
+    """Follow ``db`` on a scripted server as admin with a cookie session until ``until``."""
+    events: List[FeedEvent] = []
+    seen: List[Change] = []
+    with ScriptedServer(scripts) as srv:
+        with Server(srv.url, auth=("admin", "pw"), session=True) as server, Loop() as loop:
+            with Consumer(
+                server.get_db("db"), loop, on_error=events.append, reconnect_base=0.01
+            ) as consumer:
+                consumer.start(seen.append, since=0)
+                run_until(loop, lambda: until(consumer, seen), timeout=5.0)
+    return srv, consumer, seen, events
+
+
 def test_a_refused_session_login_is_fatal_not_a_hang() -> None:
     with ScriptedServer([[Read(), Send(session_response(401)), Close()]]) as srv:
         with Server(srv.url, auth=("admin", "wrong"), session=True) as server, Loop() as loop:
@@ -753,15 +769,7 @@ def test_a_failed_session_login_is_retried() -> None:
         [Read(), Send(session_response(200)), Close()],
         feed(chunk(row(1))),
     ]
-    with ScriptedServer(scripts) as srv:
-        with Server(srv.url, auth=("admin", "pw"), session=True) as server, Loop() as loop:
-            events: List[FeedEvent] = []
-            seen: List[Change] = []
-            with Consumer(
-                server.get_db("db"), loop, on_error=events.append, reconnect_base=0.01
-            ) as consumer:
-                consumer.start(seen.append, since=0)
-                run_until(loop, lambda: seen)
+    srv, _, _, events = follow_with_a_session(scripts, lambda consumer, seen: seen)
     (event,) = events
     assert isinstance(event.error, ServerError) and event.will_retry
     assert [r.target for r in srv.requests[:2]] == ["/_session", "/_session"]
@@ -783,15 +791,9 @@ def test_an_expired_session_cookie_is_renewed_once_then_a_401_is_fatal() -> None
         [Read(), Send(renewed), Close()],
         [Read(), Send(expired), Close()],  # a 401 right after a login: the account is gone
     ]
-    with ScriptedServer(scripts) as srv:
-        with Server(srv.url, auth=("admin", "pw"), session=True) as server, Loop() as loop:
-            events: List[FeedEvent] = []
-            seen: List[Change] = []
-            with Consumer(
-                server.get_db("db"), loop, on_error=events.append, reconnect_base=0.01
-            ) as consumer:
-                consumer.start(seen.append, since=0)
-                run_until(loop, lambda: not consumer.running, timeout=5.0)
+    srv, consumer, seen, events = follow_with_a_session(
+        scripts, lambda consumer, seen: not consumer.running
+    )
     assert [c["id"] for c in seen] == [doc_id(1), doc_id(2)]
     targets = [r.target.split("?")[0] for r in srv.requests]
     assert targets == ["/_session"] + ["/db/_changes", "/db/_changes", "/_session"] * 2 + [
