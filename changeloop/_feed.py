@@ -71,6 +71,8 @@ class LineDecoder:
         fast: use the C scanner when available (``False`` forces the plain path, for tests).
     """
 
+    __slots__ = ("_scan", "_tail", "heartbeats", "last_seq", "max_line_bytes", "rows")
+
     def __init__(self, max_line_bytes: int = MAX_LINE_BYTES, fast: bool = True) -> None:
         if max_line_bytes < 1:
             raise ValueError("max_line_bytes must be positive")

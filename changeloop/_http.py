@@ -56,6 +56,18 @@ class ResponseParser:
             next response on a kept-alive connection.
     """
 
+    __slots__ = (
+        "_buf",
+        "_consumed",
+        "_eof",
+        "_head_scan",
+        "_method",
+        "_reader",
+        "_received_any",
+        "_state",
+        "_status",
+    )
+
     def __init__(self, method: Union[str, bytes] = b"GET") -> None:
         self._buf = bytearray()
         self._eof = False

@@ -114,6 +114,8 @@ def tokens(headers: Headers, name: bytes) -> List[bytes]:
 class BodyReader:
     """Reads one framing of body; ``read`` consumes what it can from the front of ``buf``."""
 
+    __slots__ = ()
+
     def read(self, buf: bytearray, offset: int) -> Optional[Union[Data, EndOfMessage]]:
         raise NotImplementedError
 
@@ -126,6 +128,8 @@ class BodyReader:
 
 
 class _NoBody(BodyReader):
+
+    __slots__ = ()
     def read(self, buf: bytearray, offset: int) -> Optional[Union[Data, EndOfMessage]]:
         return EndOfMessage()
 
@@ -134,6 +138,8 @@ class _NoBody(BodyReader):
 
 
 class _ContentLengthReader(BodyReader):
+
+    __slots__ = ("_length", "_remaining")
     def __init__(self, length: int) -> None:
         self._length = length
         self._remaining = length
@@ -157,6 +163,8 @@ class _ContentLengthReader(BodyReader):
 
 
 class _UntilCloseReader(BodyReader):
+
+    __slots__ = ()
     def read(self, buf: bytearray, offset: int) -> Optional[Union[Data, EndOfMessage]]:
         if not buf:
             return None
@@ -174,6 +182,8 @@ HEARTBEAT_CHUNK = b"1\r\n\n\r\n"
 
 class _ChunkedReader(BodyReader):
     """RFC 9112 §7.1: ``size[;ext] CRLF data CRLF ... 0 CRLF [trailers] CRLF``."""
+
+    __slots__ = ("_bulk", "_failed", "_in_trailers", "_need_crlf", "_remaining", "_trailer_scan")
 
     def __init__(self) -> None:
         self._remaining = 0  # data bytes left in the current chunk

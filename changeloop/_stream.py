@@ -69,6 +69,28 @@ class FeedStream:
             decoded whole into :attr:`document` when it ends, and no rows are returned.
     """
 
+    __slots__ = (
+        "_body",
+        "_body_bytes",
+        "_error_body",
+        "_error_status",
+        "_feeding",
+        "_method",
+        "_min_rows",
+        "_parser",
+        "_request",
+        "_want",
+        "bytes_received",
+        "connection",
+        "decoder",
+        "document",
+        "error",
+        "one_shot",
+        "state",
+        "status_code",
+        "url",
+    )
+
     def __init__(
         self,
         connection: NonBlockingConnection,

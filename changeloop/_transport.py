@@ -300,6 +300,20 @@ class NonBlockingConnection:
     After ``Want.DONE``, :meth:`recv` and :meth:`send` never block. Not thread-safe.
     """
 
+    __slots__ = (
+        "_addrs",
+        "_deferred",
+        "_last_exc",
+        "_tls",
+        "host",
+        "port",
+        "server_hostname",
+        "sock",
+        "ssl_context",
+        "state",
+        "wants_write",
+    )
+
     def __init__(
         self,
         host: str,

@@ -16,16 +16,24 @@ from changeloop.errors import FeedError, LineTooLongError
 FAST_AND_PLAIN = pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 
 
+class CollectingDecoder(LineDecoder):
+    """A decoder that keeps every row it gave, for the tests to look at."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.collected: List[Dict[str, Any]] = []
+
+
 def decode(pieces: List[bytes], fast: bool, **kwargs: Any) -> LineDecoder:
-    decoder = LineDecoder(fast=fast, **kwargs)
-    decoder.collected = []  # type: ignore[attr-defined]
+    decoder = CollectingDecoder(fast=fast, **kwargs)
     for piece in pieces:
-        decoder.collected.extend(decoder.feed(piece))  # type: ignore[attr-defined]
+        decoder.collected.extend(decoder.feed(piece))
     return decoder
 
 
 def rows_of(decoder: LineDecoder) -> List[Dict[str, Any]]:
-    return decoder.collected  # type: ignore[attr-defined,no-any-return]
+    assert isinstance(decoder, CollectingDecoder)
+    return decoder.collected
 
 
 COUCHDB3_ROWS = [
