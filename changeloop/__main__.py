@@ -59,8 +59,8 @@ examples:
 output: one JSON object per change, one per line, flushed per line. With several databases or
 --all-dbs each object starts with the database's name: {"db": "orders", "seq": ..., "id": ...}.
 With --batch N, each line is instead a JSON array of up to N such objects from one database:
-the changes that arrived together, never held back to fill the array. The checkpoint then
-moves once per line.
+the changes that arrived together, never held back to fill the array. A --checkpoint then
+only ever falls between lines.
 
 credentials: user:password@ in the URL (with a warning: command lines are visible to other
 users), else COUCHDB_USER and COUCHDB_PASSWORD, else ~/.netrc (by host). Never printed.
@@ -384,18 +384,28 @@ class Command:
             change = {"db": name, **change}
         self.write(json.dumps(change), 1)
 
-    def emit_batch(self, name: str, batch: List[Dict[str, Any]]) -> None:
-        """Print a batch as one JSON array: the consumers' callback with ``--batch``."""
+    def emit_batch(
+        self, name: str, batch: List[Dict[str, Any]], consumer: Optional[Consumer] = None
+    ) -> None:
+        """Print a batch as one JSON array: the consumers' callback with ``--batch``.
+
+        ``consumer`` is the batch's own (the watcher's consumers are found by name).
+        """
+        cut = None
         if self.args.limit is not None and self.printed + len(batch) > self.args.limit:
             # The consumer counts the whole batch as delivered: remember where the printed part
             # ends, so the checkpoint says that (see run) and the rest comes next time.
             batch = batch[: self.args.limit - self.printed]
-            consumer = self.consumer_of(name)
+            if consumer is None:
+                assert self.watcher is not None
+                consumer = self.watcher.consumers[name]
             seqs = [change["seq"] for change in batch if change.get("seq") is not None]
-            self.cut = (consumer, seqs[-1] if seqs else consumer.last_seq)
+            cut = (consumer, seqs[-1] if seqs else consumer.last_seq)
         if self.tagged:
             batch = [{"db": name, **change} for change in batch]
         self.write(json.dumps(batch), len(batch))
+        if cut is not None:  # only once printed: a failed write must not move the checkpoint
+            self.cut = cut
 
     def write(self, line: str, changes: int) -> None:
         sys.stdout.write(line + "\n")
@@ -405,11 +415,6 @@ class Command:
             self.progress.count(changes)
         if self.args.limit is not None and self.printed >= self.args.limit:
             self.stop()
-
-    def consumer_of(self, name: str) -> Consumer:
-        if self.watcher is not None:
-            return self.watcher.consumers[name]
-        return next(c for c in self.consumers if c.db.name == name)
 
     def run(self) -> int:
         if self.args.feed != "continuous":
@@ -441,7 +446,11 @@ class Command:
             assert name is not None
             db = server.get_db(name)
             consumer = Consumer(db, self.loop, checkpoint=self.store(db), **options)
-            consumer.start(functools.partial(emit, name), self.since, **self.params)
+            if self.args.batch is None:
+                callback: Callable[[Any], None] = functools.partial(self.emit, name)
+            else:
+                callback = functools.partial(self.emit_batch, name, consumer=consumer)
+            consumer.start(callback, self.since, **self.params)
             self.consumers.append(consumer)
         if sys.stderr.isatty():
             watched = list(self.watcher.consumers.values()) if self.watcher is not None else []
@@ -465,7 +474,8 @@ class Command:
         and no rows. Only asked on a terminal, before following.
         """
         total = 0
-        params = {k: v for k, v in self.params.items() if k != "heartbeat"}
+        # limit=0 below; a filter's own --param since/limit would clash with fetch()'s.
+        params = {k: v for k, v in self.params.items() if k not in ("heartbeat", "limit", "since")}
         for consumer in self.consumers:
             if consumer.last_seq == "now":
                 continue  # nothing is pending before now

@@ -301,21 +301,26 @@ PAUSE_GC_BYTES = 1024 * 1024
 def decode_document(body: bytes) -> Row:
     """Decode a normal or longpoll ``_changes`` body (one JSON object, heartbeats included).
 
-    Pass the only reference to ``body``: it is dropped once decoded to ``str``, so a large body
-    is held once, not twice, while its objects are built. Those objects are built with the
-    cyclic garbage collector paused (if it runs, and only for bodies of
-    :data:`PAUSE_GC_BYTES` or more): a JSON decode makes no reference cycles, yet the
-    collections that its allocations trigger each walk every object decoded so far, which made
-    ``json.loads`` of 100,000 rows half as fast (benchmarks/bench_fetch.py).
+    Pass the only reference to ``body`` (``decode_document(b"".join(parts))``): it is dropped
+    once decoded to ``str``, so on CPython 3.11+ (where a call's arguments are not also kept by
+    the caller) a large body is held once, not twice, while its objects are built.
+
+    Those objects are built with the cyclic garbage collector paused, for bodies of
+    :data:`PAUSE_GC_BYTES` or more when it was enabled: a JSON decode makes no reference cycles,
+    yet the collections that its allocations trigger each walk every object decoded so far,
+    which made ``json.loads`` of 100,000 rows half as fast (benchmarks/bench_fetch.py). The
+    switch is process-wide: a thread that calls ``gc.disable()`` during such a decode sees the
+    collector enabled again when it ends.
 
     Raises:
         FeedError: the body is not a JSON object with a ``results`` list.
     """
     excerpt = _excerpt(body[:100])
+    large = len(body) >= PAUSE_GC_BYTES
     try:
         text = body.decode(json.detect_encoding(body), "surrogatepass")  # as json.loads does
         del body
-        if len(text) < PAUSE_GC_BYTES or not gc.isenabled():
+        if not large or not gc.isenabled():
             document = json.loads(text)
         else:
             gc.disable()

@@ -118,7 +118,7 @@ def silence_allowance(query: Mapping[str, Any], heartbeats: float) -> float:
     default heartbeat.
     """
     heartbeat = heartbeat_seconds(query)
-    if heartbeat is not None:
+    if heartbeat:  # not None, and not 0 (which asks for none either)
         return heartbeat * heartbeats
     timeout = query.get("timeout")
     ends_after = COUCHDB_CHANGES_TIMEOUT_MS if timeout is None else float(timeout)

@@ -128,8 +128,8 @@ class BodyReader:
 
 
 class _NoBody(BodyReader):
-
     __slots__ = ()
+
     def read(self, buf: bytearray, offset: int) -> Optional[Union[Data, EndOfMessage]]:
         return EndOfMessage()
 
@@ -138,8 +138,8 @@ class _NoBody(BodyReader):
 
 
 class _ContentLengthReader(BodyReader):
-
     __slots__ = ("_length", "_remaining")
+
     def __init__(self, length: int) -> None:
         self._length = length
         self._remaining = length
@@ -163,8 +163,8 @@ class _ContentLengthReader(BodyReader):
 
 
 class _UntilCloseReader(BodyReader):
-
     __slots__ = ()
+
     def read(self, buf: bytearray, offset: int) -> Optional[Union[Data, EndOfMessage]]:
         if not buf:
             return None

@@ -26,7 +26,8 @@ from .errors import (
 __all__ = ["FeedStream", "RECV_BYTES", "MAX_RECVS_PER_READ"]
 
 #: Bytes asked of one ``recv``. A catching-up feed is bound by JSON decoding, not by system
-#: calls, and the rows of one receive are delivered before the next receive: 48 KiB
+#: calls, and the rows of one receive are delivered before the next receive (unless a batch
+#: consumer asks for more rows at once: see ``min_rows``): 48 KiB
 #: (about 260 short rows, or 50 with documents) keeps those rows within a core's L2 cache and
 #: under the 700 live containers that start a generation-0 GC pass, where 256 KiB x 8 (about
 #: 11,000 rows alive at once) measured 1.5x slower (benchmarks/bench_throughput.py). It also
@@ -36,9 +37,9 @@ RECV_BYTES = 48 * 1024 if sys.implementation.name == "cpython" else 256 * 1024
 _SENT = memoryview(b"")
 
 #: ``recv`` calls per readiness event before yielding to other feeds on the loop (fairness):
-#: a feed that is catching up cannot hold the loop for more than this many buffers. A receive
-#: that completed rows ends the readiness event at once (see RECV_BYTES), so this bounds the
-#: receives of a line longer than a buffer, and of heartbeats.
+#: a feed that is catching up cannot hold the loop for more than this many buffers. A short
+#: receive, or one that completed ``min_rows`` rows, ends the readiness event at once (see
+#: RECV_BYTES), so this bounds the receives of a line longer than a buffer and of a batch.
 MAX_RECVS_PER_READ = 8
 #: The most bytes of an error response body kept, for the error's ``reason``.
 MAX_ERROR_BODY_BYTES = 64 * 1024
@@ -297,7 +298,7 @@ class FeedStream:
                 if self._error_status:
                     raise self._http_error()
                 if self.one_shot:
-                    self.document = decode_document(b"".join(self._body))
+                    self.document = decode_document(self._take_body())
                 self.decoder.close()
                 return
             elif isinstance(event, ConnectionClosed):
@@ -312,6 +313,11 @@ class FeedStream:
                 "a _changes answer exceeded %d bytes (max_line_bytes)" % self.decoder.max_line_bytes
             )
         self._body.append(data)
+
+    def _take_body(self) -> bytes:
+        """The held body, joined; the parts are let go (see decode_document)."""
+        body, self._body = b"".join(self._body), []
+        return body
 
     def _http_error(self) -> HTTPError:
         body = b"".join(self._error_body)

@@ -418,18 +418,23 @@ class Server:
                 return
         connection.close()
 
-    def expire_session(self) -> bool:
+    def expire_session(self, cookie: Optional[str] = None) -> bool:
         """Forget the ``/_session`` cookie, so that the next request logs in again.
 
         For a 401 met outside :meth:`request` (a continuous feed's): CouchDB's cookies expire
         (after 10 minutes by default) and are refreshed only by requests made in time.
 
+        Args:
+            cookie: forget it only if it is still this one (the ``Cookie`` header the refused
+                request carried): another request may have logged in again meanwhile.
+
         Returns:
-            whether there was a cookie to forget (never without ``session=True``).
+            whether a cookie was forgotten (never without ``session=True``).
         """
-        had_cookie = self._cookie is not None
+        if self._cookie is None or (cookie is not None and cookie != self._cookie):
+            return False
         self._cookie = None
-        return had_cookie
+        return True
 
     def request_headers(self) -> List[Tuple[str, str]]:
         """The headers every request carries: content negotiation, identity, credentials.

@@ -189,7 +189,6 @@ class Consumer:
     __slots__ = (
         "_attempt",
         "_blocking",
-        "batch_size",
         "_callbacks",
         "_caught_up",
         "_connected_at",
@@ -203,6 +202,7 @@ class Consumer:
         "_params",
         "_rng",
         "_saved_at",
+        "_sent_cookie",
         "_session_renewed",
         "_silence",
         "_since",
@@ -211,6 +211,7 @@ class Consumer:
         "_stream",
         "_timer",
         "_unsaved",
+        "batch_size",
         "callback_errors",
         "checkpoint",
         "checkpoint_every",
@@ -288,6 +289,7 @@ class Consumer:
         self._params: Dict[str, Any] = {}
         self._since: Any = None
         self._silence = 0.0  # the watchdog's allowance once the body flows, set by start()
+        self._sent_cookie: Optional[str] = None  # the session cookie of the last feed request
         self._session_renewed = False  # a 401 dropped the session cookie since the last connect
         self._limit: Optional[int] = None
         self._timer: Optional[TimerHandle] = None  # connect timeout, watchdog or backoff
@@ -301,7 +303,9 @@ class Consumer:
         self._unsaved = 0
         self._saved_at = 0.0  # on the loop's clock, like every other time here
         self._followers: List[Consumer] = []  # the consumers of changes() iterators
-        #: Changes delivered to the callbacks since ``start``.
+        #: Changes delivered to the callbacks since ``start``. Counted once the callbacks have
+        #: returned for all the changes of one read (of one batch in batch mode), and before a
+        #: checkpoint: inside a callback it does not count the changes of the current read yet.
         self.delivered = 0
         #: Connections made since ``start`` (1 + reconnections).
         self.connections = 0
@@ -327,7 +331,11 @@ class Consumer:
 
     @property
     def last_seq(self) -> Any:
-        """The seq of the last change delivered (or where the feed will start)."""
+        """The seq of the last change delivered (or where the feed will start).
+
+        Brought up to date as :attr:`delivered` is (inside a callback, the change itself has
+        its ``seq``); the checkpoint always stores it after the changes it covers.
+        """
         return self._since
 
     @property
@@ -464,6 +472,7 @@ class Consumer:
         self.connections = 0
         self._attempt = 0
         self._caught_up = False
+        self._session_renewed = False
         loop = self.loop
         self._saved_at = loop.time()
         if loop.in_loop_thread() or not loop.is_running():
@@ -478,7 +487,8 @@ class Consumer:
         since: Any = 0,
         **params: Any,
     ) -> None:
-        """Follow the continuous feed, calling the callbacks per change, until :meth:`stop`.
+        """Follow the continuous feed, calling the callbacks per change (or per batch, with
+        ``batch_size``), until :meth:`stop`.
 
         Runs the loop in this thread (serving every other consumer on it too). Returns when the
         consumer is stopped: by :meth:`stop` from a callback or another thread, by ``limit``, or
@@ -607,7 +617,9 @@ class Consumer:
         else:
             request = self._request("continuous", self._since, self._params)
         target = endpoint.prefix + request.path + "?" + encode_query(request.query)
+        self._sent_cookie = None  # until the headers are there: a refused login sends none
         headers = server.request_headers()
+        self._sent_cookie = next((v for k, v in headers if k == "Cookie"), None)
         if request.body is not None:
             headers.append(("Content-Type", "application/json"))
         data = serialize_request(
@@ -868,12 +880,16 @@ class Consumer:
         """Whether ``exc`` is a 401 for an expired session cookie, dropped now so that the next
         connection logs in again. Once: a 401 again before a feed opens (a login refused, a
         password changed) is fatal."""
-        if not isinstance(exc, HTTPError) or exc.status != 401 or self._session_renewed:
+        if not isinstance(exc, HTTPError) or exc.status != 401:
             return False
-        self._session_renewed = self.db.server.expire_session()
-        if self._session_renewed:
-            logger.info("%s: the session cookie was refused; logging in again", self.db.name)
-        return self._session_renewed
+        if self._session_renewed or self._sent_cookie is None:
+            return False  # refused right after a login, or no cookie was sent at all
+        # Every feed of the server meets the expiry at once: the first of them drops the cookie,
+        # the others find it dropped (or renewed already) and simply reconnect.
+        self.db.server.expire_session(self._sent_cookie)
+        self._session_renewed = True
+        logger.info("%s: the session cookie was refused; logging in again", self.db.name)
+        return True
 
     def _backoff(self) -> float:
         ceiling = min(self.reconnect_cap, self.reconnect_base * (2 ** min(self._attempt, 32)))

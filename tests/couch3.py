@@ -156,8 +156,7 @@ def read_everything_at_once(r: Rig) -> None:
     """Let the whole first response (and its end) arrive before the consumer reads any of it."""
     stream = r.stream()
     r.run_until(lambda: stream.state == "receiving")
-    r.srv.wait_for_requests(1)
-    time.sleep(0.05)  # the bytes' way over loopback, not a timer: no clock can stand in
+    r.srv.wait_until_sent(0)
 
 
 @contextlib.contextmanager

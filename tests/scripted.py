@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import List, Mapping, Optional, Sequence, Set, Tuple, Type, Union
 
 __all__ = [
     "LAST_CHUNK",
@@ -171,6 +171,7 @@ class _Connection:
         try:
             # shutdown() first so the FIN goes out even if unread bytes are still queued.
             socket.socket.shutdown(self.sock, socket.SHUT_WR)
+            self.server._sent_all(self.index)
             self.sock.settimeout(CLOSE_DRAIN_S)
             # Raw recv, also under TLS: whatever still arrives is discarded, not decrypted.
             while not self.stopping() and socket.socket.recv(self.sock, RECV_BYTES):
@@ -184,6 +185,7 @@ class _Connection:
         self.finished = True
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
+        self.server._sent_all(self.index)
 
 
 class Step:
@@ -261,6 +263,7 @@ class Stall(Step):
 
     def play(self, conn: _Connection) -> None:
         conn.sock.settimeout(None)  # close() wakes the recv by shutting the socket down
+        conn.server._sent_all(conn.index)
         while True:
             conn.recv()
 
@@ -316,6 +319,7 @@ class ScriptedServer:
         self._open: List[socket.socket] = []
         self._threads: List[threading.Thread] = []
         self._accepted = 0
+        self._done_sending: Set[int] = set()
         self.requests: List[Request] = []
         self.errors: List[BaseException] = []
 
@@ -386,6 +390,23 @@ class ScriptedServer:
                 raise AssertionError(f"expected {count} requests within {timeout} s: {self!r}")
             time.sleep(ACCEPT_POLL_S)
 
+    def wait_until_sent(self, connection: int, timeout: float = 5.0) -> None:
+        """Wait until connection number ``connection`` (0 first) has sent everything its
+        script sends: its last step (``Stall``, ``Close``, ``Reset``, or the end) has begun.
+        On loopback the bytes are then in the client's receive buffer, FIN included.
+
+        Raises:
+            AssertionError: not within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if connection in self._done_sending:
+                    return
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"connection {connection} still sending: {self!r}")
+            time.sleep(0.001)
+
     def close(self) -> None:
         """Stop accepting, end every script, close every socket and join the threads."""
         self._closing.set()
@@ -407,6 +428,10 @@ class ScriptedServer:
         for sock in leftovers:  # only if a thread failed to finish in time
             sock.close()
         self._listener.close()
+
+    def _sent_all(self, index: int) -> None:
+        with self._lock:
+            self._done_sending.add(index)
 
     def _record(self, request: Request) -> None:
         with self._lock:

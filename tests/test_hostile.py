@@ -364,6 +364,7 @@ def test_watchdog_tightens_to_heartbeats_once_the_body_starts() -> None:
         ({"heartbeat": True, "timeout": 1000}, 180.0),  # a heartbeat overrides the timeout
         ({}, 150.0),  # no heartbeat: CouchDB's 60 s changes_timeout, plus 3 x 30 s
         ({"heartbeat": None, "timeout": 5000}, 95.0),
+        ({"heartbeat": 0}, 150.0),  # no heartbeat either: never "dead after 0 s"
     ],
 )
 def test_silence_allowance(query: Dict[str, Any], seconds: float) -> None:
@@ -804,6 +805,43 @@ def test_an_expired_session_cookie_is_renewed_once_then_a_401_is_fatal() -> None
     assert [type(e.error) for e in events] == [ProtocolError, Unauthorized] * 2 + [Unauthorized]
     assert [e.will_retry for e in events] == [True, True, True, True, False]
     assert consumer.error is events[-1].error and consumer.state == "stopped"
+
+
+def test_feeds_sharing_a_server_all_renew_an_expired_session() -> None:
+    # The cookie expires for every feed of a server at once: the first 401 drops it, and the
+    # other feeds, finding it dropped (or renewed already), must reconnect too, not stop.
+    expired = error_response(401, "unauthorized", "You are not authorized to access this db.")
+    login = [Read(), Send(session_response(200)), Close()]
+    cut = feed(chunk(row(1)), then=Close())
+    gone = [Read(), Send(expired), Close()]
+    scripts = [login, cut, cut, gone, gone, login, feed(chunk(row(2)))]
+    clock = FakeClock()  # backoffs wait for the test: both feeds reconnect in the same pass
+    events: List[FeedEvent] = []
+    seen: List[Tuple[str, str]] = []
+    with ScriptedServer(scripts) as srv:
+        with Server(srv.url, auth=("admin", "pw"), session=True) as server:
+            with Loop(clock=clock) as loop:
+                consumers = [
+                    Consumer(server.get_db(name), loop, on_error=events.append)
+                    for name in ("a", "b")
+                ]
+                for consumer in consumers:
+                    name = consumer.db.name
+                    consumer.start(lambda change, n=name: seen.append((n, change["id"])))
+                for errors in (2, 4):  # the cuts, then the 401s: each time both back off
+                    run_until(loop, lambda n=errors: len(events) == n)
+                    assert all(c.state == "backoff" for c in consumers)
+                    clock.advance(RECONNECT_CAP_S)
+                run_until(loop, lambda: len(seen) == 4)
+                for consumer in consumers:
+                    consumer.close()
+    assert sorted(seen) == [("a", doc_id(1)), ("a", doc_id(2)), ("b", doc_id(1)), ("b", doc_id(2))]
+    unauthorized = [e for e in events if isinstance(e.error, Unauthorized)]
+    assert len(unauthorized) == 2 and all(e.will_retry for e in unauthorized)
+    targets = [r.target.split("?")[0] for r in srv.requests]  # each pair in either order
+    both = ["/a/_changes", "/b/_changes"]
+    assert targets[0] == targets[5] == "/_session"  # one login, one renewal, blocking
+    assert sorted(targets[1:3]) == sorted(targets[3:5]) == sorted(targets[6:]) == both
 
 
 def test_ctrl_c_in_wait_saves_and_leaves_the_loop_usable() -> None:

@@ -403,8 +403,6 @@ def test_repr_says_where_it_is() -> None:
     assert repr(parser) == "<ResponseParser state=body status=200 buffered=0 eof=False>"
 
 
-# -- properties -----------------------------------------------------------------------------------
-
 # -- bulk de-chunking -----------------------------------------------------------------------
 
 
@@ -503,6 +501,8 @@ def test_offering_heartbeats_first_changes_nothing(rows: List[bytes], cuts: List
     taken = feed_offering_heartbeats([CHUNKED_HEAD, HEARTBEAT, HEARTBEAT, b"0\r\n\r\n"])[1]
     assert taken == 2
 
+
+# -- properties -----------------------------------------------------------------------------------
 
 ROWS = st.lists(st.binary(min_size=0, max_size=40), min_size=0, max_size=12)
 

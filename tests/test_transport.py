@@ -615,6 +615,38 @@ def test_nonblocking_tls_close_notify_is_eof(
     assert not server.errors
 
 
+def test_nonblocking_tls_reads_several_records_then_the_eof_behind_them(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    # One recv() takes every record already there (a catching-up feed gets as much per call as
+    # in plaintext); the close_notify behind them is kept for the next call, so the bytes
+    # before it are handed over first, and pending() says to call again.
+    records = [bytes([65 + i]) * 10_000 for i in range(3)]  # one TLS record each
+    sent = threading.Event()
+
+    def records_then_close_notify(conn: socket.socket) -> None:
+        assert isinstance(conn, ssl.SSLSocket)
+        for record in records:
+            conn.sendall(record)
+        conn.setblocking(False)
+        try:
+            conn.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        sent.set()
+        conn.settimeout(3)
+
+    with Server(records_then_close_notify, tls=server_ctx) as server:
+        with NonBlockingConnection(server.host, server.port, ssl_context=client_ctx) as conn:
+            drive(conn)
+            assert sent.wait(5)
+            assert wait(conn, Want.READ)
+            assert conn.recv(1 << 20) == b"".join(records)
+            assert conn.pending() == 1  # the EOF, met after the records and held back
+            assert conn.recv(1 << 20) == b""
+    assert not server.errors
+
+
 @pytest.mark.parametrize("max_bytes", [1000, 65536])
 def test_nonblocking_tls_large_payload_drains_pending(
     max_bytes: int, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
