@@ -70,6 +70,9 @@ WATCHDOG_HEARTBEATS = 3.0
 FIRST_BYTE_TIMEOUT_S = 120.0
 #: Seconds to connect (TCP and TLS).
 CONNECT_TIMEOUT_S = 30.0
+#: A feed that the server ends cleanly (with ``last_seq``) sooner than this after it opened, and
+#: with no change, is followed again only after a backoff, as after a failure.
+QUICK_END_S = 1.0
 #: Checkpoint after this many changes or this many seconds, whichever comes first.
 CHECKPOINT_EVERY_CHANGES = 100
 CHECKPOINT_EVERY_S = 5.0
@@ -833,13 +836,29 @@ class Consumer:
         if self._limit is not None:
             self._finish(None)  # the server applied the limit
             return
+        loop = self.loop
+        lasted = loop.time() - (self._connected_at or loop.time())
+        idle = stream.decoder.rows == 0 and lasted < QUICK_END_S
         self._close_stream()
         logger.debug("%s: the server ended the feed at %r; resuming", self.db.name, last.seq)
         self._report(self.on_disconnect, FeedEvent(self, "disconnect"))
         if self._state == _STOPPED:
             return  # stopped by the on_disconnect callback
         self._state = _BACKOFF
-        self.loop.call_soon(self._connect)
+        if not idle:
+            self._attempt = 0  # a feed that ran its course: follow on at once
+            loop.call_soon(self._connect)
+            return
+        # Ended at once with nothing new (timeout=0, a proxy that cuts every response short):
+        # reconnecting at once would spin, so these ends back off as failures do.
+        delay = self._backoff()
+        logger.info(
+            "%s: the server ended the feed after %.2f s with nothing new; reconnecting in %.2f s",
+            self.db.name,
+            lasted,
+            delay,
+        )
+        self._timer = loop.call_later(delay, self._connect)
 
     def _report_caught_up(self, pending: Optional[int]) -> None:
         self._caught_up = True

@@ -21,6 +21,7 @@ from couch3 import (
     COUCH_HEAD,
     HEARTBEAT,
     FakeClock,
+    couch_end,
     doc_id,
     feed,
     read_everything_at_once,
@@ -386,6 +387,23 @@ def test_without_heartbeats_the_watchdog_waits_for_the_servers_own_timeout() -> 
         r.run_until(lambda: r.errors())
         (event,) = r.errors()
     assert str(event.error) == "no data for 210.1 s: the connection is presumed dead"
+
+
+def test_a_feed_that_ends_at_once_with_nothing_new_backs_off_instead_of_spinning() -> None:
+    # timeout=0, or a proxy that cuts every response short: each feed ends cleanly (last_seq)
+    # the moment it opens. Reconnecting at once would hammer the server in a tight loop.
+    clock = FakeClock()
+    with rig([feed(couch_end(seq(7)), then=Close())], clock=clock) as r:
+        r.start(since=seq(7))
+        r.run_until(lambda: r.consumer.state == "backoff")
+        settle(r.loop, passes=20)  # no time passes: no reconnection either
+        assert len(r.srv.requests) == 1 and r.errors() == []
+        clock.advance(RECONNECT_CAP_S)
+        r.run_until(lambda: len(r.srv.requests) == 2)
+        r.run_until(lambda: r.consumer.state == "backoff")
+        settle(r.loop, passes=20)
+        assert len(r.srv.requests) == 2 and r.consumer.running
+    assert "disconnect" in r.kinds() and r.errors() == []
 
 
 # -- lifecycle callbacks --------------------------------------------------------------------
