@@ -376,7 +376,7 @@ class Server:
         head, data = self._exchange(method, request, timeout)
         if head.status_code == 401 and retry_auth and target != self._endpoint.prefix + "/_session":
             logger.debug("%s: 401, renewing the session cookie", self.url)
-            self._cookie = None
+            self.expire_session()
             self._login()
             return self._send(method, target, headers, body, timeout, retry_auth=False)
         return head, data
