@@ -111,6 +111,14 @@ class LineDecoder:
         self.feed_into(data, rows)
         return rows
 
+    def take_heartbeat(self) -> bool:
+        """Count a heartbeat line (a lone ``\\n``) unless a partial line is held, which that
+        newline would end: then return False, and feed ``b"\\n"`` instead."""
+        if self._tail:
+            return False
+        self.heartbeats += 1
+        return True
+
     def feed_into(self, data: bytes, rows: List[Row]) -> None:
         """Like :meth:`feed`, appending to ``rows``: when a line fails, the rows of the lines
         before it are in ``rows`` already, for the caller to deliver before the error.

@@ -57,6 +57,7 @@ class ResponseParser:
     """
 
     __slots__ = (
+        "_between_chunks",
         "_buf",
         "_consumed",
         "_eof",
@@ -78,6 +79,11 @@ class ResponseParser:
         self._status: Optional[int] = None  # not the Response: its headers would outlive it
         self._received_any = False  # any byte of this response (for ConnectionClosed)
         self._consumed = 0  # bytes of this response consumed, for error positions
+        # True only while the body is chunked, between two chunks, with nothing buffered and no
+        # EOF: set when next_event() leaves the parser so (at the head's end, or answering
+        # NEED_DATA), cleared by every receive_data(). It is the one state in which
+        # receive_heartbeat() may take a chunk without parsing it.
+        self._between_chunks = False
 
     def __repr__(self) -> str:
         status = self._status
@@ -104,6 +110,7 @@ class ResponseParser:
         Raises:
             RuntimeError: data after EOF was already reported.
         """
+        self._between_chunks = False
         if not data:
             self._eof = True
             return
@@ -120,16 +127,9 @@ class ResponseParser:
         An idle continuous feed receives nothing else (``1\\r\\n\\n\\r\\n`` every heartbeat,
         thousands a second on a loop of many feeds), and this costs one call instead of five.
         """
-        if (
-            data != HEARTBEAT_CHUNK
-            or self._state != _BODY
-            or self._buf
-            or self._eof
-            or self._reader is None
-            or not self._reader.at_chunk_boundary()
-        ):
+        if data != HEARTBEAT_CHUNK or not self._between_chunks:
             return False
-        self._consumed += len(data)
+        self._consumed += len(data)  # and still between chunks: the flag stays
         return True
 
     def start_next_response(self, method: Union[str, bytes] = b"GET") -> None:
@@ -147,6 +147,7 @@ class ResponseParser:
         self._status = None
         self._received_any = bool(self._buf)
         self._consumed = 0
+        self._between_chunks = False
 
     def next_event(self) -> Union[Event, Sentinel]:
         """Return the next event, :data:`NEED_DATA`, or :data:`PAUSED` after the message ended.
@@ -207,6 +208,7 @@ class ResponseParser:
             keep_alive = reusable and _keep_alive(version, headers)
             self._status = status
             self._state = _BODY
+            self._between_chunks = not (self._buf or self._eof) and self._reader.at_chunk_boundary()
             return Response(status, reason, version, headers, keep_alive)
 
     # -- body ------------------------------------------------------------------------------
@@ -221,6 +223,7 @@ class ResponseParser:
             if self._eof:
                 event = reader.read_eof(self._consumed)
             else:
+                self._between_chunks = not self._buf and reader.at_chunk_boundary()
                 return NEED_DATA
         if isinstance(event, EndOfMessage):
             self._state = _DONE

@@ -34,6 +34,7 @@ from ._params import (
 from ._request import serialize_request
 from ._stream import FeedStream
 from ._transport import NonBlockingConnection, Want
+from ._wheel import DeadlineWheel
 from .client import Database, encode_query
 from .errors import (
     CallbackError,
@@ -114,6 +115,34 @@ class _ConnectGate:
 #: One gate per loop, kept as long as the loop lives.
 _GATES: "weakref.WeakKeyDictionary[Loop, _ConnectGate]" = weakref.WeakKeyDictionary()
 
+#: How late a watchdog may notice a dead connection: its deadlines are rounded up to this.
+WATCHDOG_RESOLUTION = 0.1
+
+
+def _watchdog_due(ref: "weakref.ReferenceType[Consumer]") -> None:
+    consumer = ref()
+    if consumer is not None:
+        consumer._watchdog()
+
+
+#: The watchdogs of each loop's consumers on one timing wheel (see _wheel): re-arming one is
+#: O(1), where a heap timer per consumer cost O(log n) comparisons on cold memory. Weak on both
+#: sides: the consumers (by weak reference in the wheel) and the loop's pending timer keep a
+#: wheel alive, and a loop dropped with its consumers is collected as before.
+_WATCHDOGS: "weakref.WeakKeyDictionary[Loop, weakref.ReferenceType[_Watchdogs]]" = (
+    weakref.WeakKeyDictionary()
+)
+_Watchdogs = DeadlineWheel["weakref.ReferenceType[Consumer]"]
+
+
+def _watchdogs_of(loop: Loop) -> "_Watchdogs":
+    ref = _WATCHDOGS.get(loop)
+    wheel = None if ref is None else ref()
+    if wheel is None:
+        wheel = DeadlineWheel(loop, _watchdog_due, WATCHDOG_RESOLUTION)
+        _WATCHDOGS[loop] = weakref.ref(wheel)
+    return wheel
+
 
 class FeedEvent:
     """What a lifecycle callback receives: one object, so fields can be added later.
@@ -192,6 +221,7 @@ class Consumer:
     __slots__ = (
         "_attempt",
         "_blocking",
+        "_body_seen",
         "_callbacks",
         "_caught_up",
         "_connected_at",
@@ -214,6 +244,7 @@ class Consumer:
         "_stream",
         "_timer",
         "_unsaved",
+        "_watchdogs",
         "batch_size",
         "callback_errors",
         "checkpoint",
@@ -295,7 +326,9 @@ class Consumer:
         self._sent_cookie: Optional[str] = None  # the session cookie of the last feed request
         self._session_renewed = False  # a 401 dropped the session cookie since the last connect
         self._limit: Optional[int] = None
-        self._timer: Optional[TimerHandle] = None  # connect timeout, watchdog or backoff
+        self._timer: Optional[TimerHandle] = None  # connect timeout or backoff
+        #: The loop's watchdog wheel, once this consumer armed its watchdog.
+        self._watchdogs: Optional[_Watchdogs] = None
         self._last_activity = 0.0
         self._connected_at: Optional[float] = None
         self._attempt = 0
@@ -361,6 +394,7 @@ class Consumer:
         if self._own_loop and self._loop is not None and not self._loop.is_running():
             self._loop.close()
             self._loop = None
+            self._watchdogs = None
 
     def __enter__(self) -> "Consumer":
         return self
@@ -550,11 +584,8 @@ class Consumer:
 
     # -- the loop's handler -------------------------------------------------------------------
 
-    def handle_read(self) -> None:
-        self._on_ready()
-
     def handle_write(self) -> None:
-        self._on_ready()
+        self.handle_read()
 
     def handle_error(self, exc: BaseException) -> None:
         self._fail(exc)
@@ -576,6 +607,7 @@ class Consumer:
                 return
             gate.connecting.add(self)
         self._connected_at = None
+        self._body_seen = False
         self._last_activity = loop.time()
         resolving = self._since == "now"  # ask where "now" is first; follow from there next
         try:
@@ -653,17 +685,18 @@ class Consumer:
         else:
             loop.set_interest(fd, read=want is Want.READ, write=want is Want.WRITE)
 
-    def _on_ready(self) -> None:
+    def handle_read(self) -> None:
         stream = self._stream
         if stream is None:
             return
         loop = self.loop
-        decoder = stream.decoder
-        had_body = bool(decoder.rows or decoder.heartbeats)
         rows = stream.on_ready()
         self._last_activity = loop.time()
-        if not rows and had_body and self._caught_up and stream.is_quiet():
-            return  # a heartbeat: what an idle feed's reads bring, so checked first and once
+        if rows is None:  # a lone heartbeat: what an idle feed's every read brings
+            if self._body_seen and self._caught_up:
+                return  # nothing to act on: the watchdog already allows for heartbeats
+            rows = []
+        decoder = stream.decoder
         if stream.document is not None:
             self._on_resolved(stream.document)
             return
@@ -674,7 +707,7 @@ class Consumer:
                 self._on_connected()
                 if stream is not self._stream:
                     return
-        elif not had_body and (decoder.rows or decoder.heartbeats):
+        elif not self._body_seen and (decoder.rows or decoder.heartbeats):
             self._arm_watchdog()  # the first body line came: the heartbeat allowance applies
         if rows:
             self._deliver(rows)
@@ -696,7 +729,7 @@ class Consumer:
         if self._state == _CONNECTING:  # only then can the fd (next address) or interest change
             self._register(stream)
         if stream.has_buffered_bytes():
-            loop.call_soon(self._on_ready)  # TLS holds bytes that select() will not report
+            loop.call_soon(self.handle_read)  # TLS holds bytes that select() will not report
 
     def _on_resolved(self, document: Dict[str, Any]) -> None:
         """``since="now"`` has an answer: follow the continuous feed from that seq."""
@@ -925,8 +958,13 @@ class Consumer:
 
     def _arm_watchdog(self) -> None:
         if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_at(self._last_activity + self._allowance(), self._watchdog)
+            self._timer.cancel()  # the connect timer: the watchdog takes over
+            self._timer = None
+        decoder = None if self._stream is None else self._stream.decoder
+        self._body_seen = decoder is not None and bool(decoder.rows or decoder.heartbeats)
+        if self._watchdogs is None:
+            self._watchdogs = _watchdogs_of(self.loop)
+        self._watchdogs.set(weakref.ref(self), self._last_activity + self._allowance())
 
     def _allowance(self) -> float:
         stream = self._stream
@@ -936,20 +974,21 @@ class Consumer:
 
     def _watchdog(self) -> None:
         """Fire at most once per allowance: O(1) per feed, whatever the traffic."""
-        self._timer = None
-        if self._stream is None:
+        if self._stream is None or self._watchdogs is None:
             return
         allowance = self._allowance()
         idle = self.loop.time() - self._last_activity
         if idle >= allowance:
             self._fail(ReadTimeout("no data for %.1f s: the connection is presumed dead" % idle))
         else:
-            self._timer = self.loop.call_at(self._last_activity + allowance, self._watchdog)
+            self._watchdogs.set(weakref.ref(self), self._last_activity + allowance)
 
     def _close_stream(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._watchdogs is not None:
+            self._watchdogs.discard(weakref.ref(self))
         if self._fd >= 0:
             self.loop.remove_handler(self._fd)
             self._fd = -1

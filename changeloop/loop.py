@@ -30,6 +30,8 @@ __all__ = ["Handler", "Handle", "TimerHandle", "Loop"]
 
 logger = logging.getLogger(__name__)
 
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
 # Bytes per recv() when draining the wake-up socket; any size works, the drain loops until empty.
 WAKEUP_READ_BYTES = 4096
 
@@ -174,7 +176,7 @@ class Loop:
         # selector and wait here, by the object given, until set_interest() asks for events.
         self._parked: Dict[FileLike, Handler] = {}
         # The fds registered, modified or removed during the current dispatch batch: only for
-        # these can a selected key be stale (see _wants).
+        # these can a selected key be stale (see _pass).
         self._touched: Set[int] = set()
         self._state_lock = threading.Lock()
         self._running = False
@@ -357,7 +359,7 @@ class Loop:
         self._claim()
         self._owner = threading.get_ident()
         try:
-            self._pass(timeout)
+            self._pass(None if timeout is None else max(0.0, timeout))
         finally:
             self._owner = None
             self._running = False
@@ -542,28 +544,20 @@ class Loop:
         handler: Optional[Handler] = self._parked.get(fileobj) if key is None else key.data
         return handler
 
-    def _wants(self, key: selectors.SelectorKey, event: int) -> bool:
-        # An earlier handler of this batch may have removed this one, or changed its interest;
-        # only file objects touched since the batch began need the (slower) map lookup.
-        if key.fd not in self._touched:
-            return bool(key.events & event)
+    def _still_wants(self, key: selectors.SelectorKey, event: int) -> bool:
+        # An earlier handler of this batch changed this file object's registration (removed it,
+        # replaced its handler or its interest): ask the selector's map what holds now.
         current = self._selector.get_map().get(key.fd)
         return current is not None and current.data is key.data and bool(current.events & event)
 
-    def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
+    def _handler_failed(self, key: selectors.SelectorKey, exc: Exception) -> None:
         handler: Handler = key.data
         try:
-            if mask & selectors.EVENT_READ and self._wants(key, selectors.EVENT_READ):
-                handler.handle_read()
-            if mask & selectors.EVENT_WRITE and self._wants(key, selectors.EVENT_WRITE):
-                handler.handle_write()
-        except Exception as exc:
-            try:
-                handler.handle_error(exc)
-            except Exception:
-                logger.exception("%r raised in handle_error; removing it", handler)
-                if self._handler_of(key.fileobj) is handler:
-                    self.remove_handler(key.fileobj)
+            handler.handle_error(exc)
+        except Exception:
+            logger.exception("%r raised in handle_error; removing it", handler)
+            if self._handler_of(key.fileobj) is handler:
+                self.remove_handler(key.fileobj)
 
     def _timer_cancelled(self) -> None:
         self._cancelled_timers += 1
@@ -582,22 +576,43 @@ class Loop:
         while timers and timers[0][2]._cancelled:  # lazy cancellation: drop dead heads here
             heapq.heappop(timers)
             self._cancelled_timers -= 1
-        if timers:
-            wait = max(0.0, timers[0][0] - self._clock())
-            timeout = wait if timeout is None else min(timeout, wait)
-        return None if timeout is None else max(0.0, timeout)
+        if not timers:
+            return timeout
+        wait = timers[0][0] - self._clock()
+        if wait <= 0.0:
+            return 0.0
+        return wait if timeout is None or wait < timeout else timeout
 
     def _pass(self, timeout: Optional[float]) -> None:
+        # Every pass runs this, and on a loop of many idle feeds nearly every pass is one
+        # readiness event (a heartbeat): the dispatch is written out here, not in helpers.
         ready_count = len(self._ready)  # only callbacks queued before this pass run in it
-        self._touched.clear()  # file objects (re)registered since this batch was selected
+        touched = self._touched  # file objects (re)registered since this batch was selected
+        touched.clear()
         for key, mask in self._selector.select(self._select_timeout(timeout)):
-            self._dispatch(key, mask)
+            # mask is already what the key asked for; only a key that an earlier handler of
+            # this batch touched may be stale (removed, re-registered, interest changed).
+            try:
+                if mask & _READ and (key.fd not in touched or self._still_wants(key, _READ)):
+                    key.data.handle_read()
+                if mask & _WRITE and (key.fd not in touched or self._still_wants(key, _WRITE)):
+                    key.data.handle_write()
+            except Exception as exc:
+                self._handler_failed(key, exc)
+        timers = self._timers
+        if timers and timers[0][0] <= self._clock():
+            self._run_due_timers()
+        if ready_count:
+            self._run_ready(ready_count)
+
+    def _run_due_timers(self) -> None:
         # Pop every due timer before running any (as pika does): all see the same "now", and a
         # timer that schedules another due one (call_later(0)) cannot stretch this pass forever.
         now = self._clock()
+        timers = self._timers
         due: List[TimerHandle] = []
-        while self._timers and self._timers[0][0] <= now:
-            handle = heapq.heappop(self._timers)[2]
+        while timers and timers[0][0] <= now:
+            handle = heapq.heappop(timers)[2]
             if handle._cancelled:
                 self._cancelled_timers -= 1
             else:
@@ -611,7 +626,10 @@ class Loop:
             except BaseException:  # KeyboardInterrupt: keep the rest for the next pass
                 self._ready.extendleft(reversed(due[index + 1 :]))
                 raise
-        for _ in range(ready_count):
-            ready = self._ready.popleft()
-            if not ready._cancelled:
-                ready._run()
+
+    def _run_ready(self, count: int) -> None:
+        ready = self._ready
+        for _ in range(count):
+            handle = ready.popleft()
+            if not handle._cancelled:
+                handle._run()

@@ -7,7 +7,11 @@ byte by byte (observed through a raw socket): its headers, opaque string seqs, r
 that ends a feed on ``timeout`` or ``limit``. Every test also checks what the consumer *sent*.
 """
 
+import gc
 import json
+import selectors
+import time
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qsl, urlsplit
 
@@ -24,6 +28,7 @@ from couch3 import (
     rig,
     row,
     rows,
+    run_until,
     seq,
 )
 from scripted import (
@@ -32,12 +37,15 @@ from scripted import (
     Pause,
     Read,
     Request,
+    ScriptedServer,
     Send,
     Stall,
     chunk,
 )
 
-from changeloop import Consumer, FeedEvent, ProtocolError
+from changeloop import Consumer, FeedEvent, Loop, ProtocolError, Server
+from changeloop._stream import FeedStream
+from changeloop._transport import NonBlockingConnection, Want
 from changeloop.checkpoint import MemoryCheckpoint
 
 pytestmark = pytest.mark.timeout(10)
@@ -449,3 +457,59 @@ def test_wait_on_a_running_loop_is_refused_before_starting() -> None:
     (refusal,) = refusals
     assert str(refusal) == "the loop is already running: use start() on a running loop"
     assert other.state == "idle" and len(r.srv.requests) == 1
+
+
+# -- an idle feed's reads -------------------------------------------------------------------
+
+
+def test_an_idle_feeds_heartbeats_take_the_quiet_path() -> None:
+    # A read that brings a lone heartbeat is answered None by the stream: no rows, nothing to
+    # act on (the consumer only notes the time). A heartbeat that ends a partial line is not.
+    line = row(1)
+    script: List[Any] = [Read(), Send(COUCH_HEAD + chunk(line) + HEARTBEAT), Pause(0.02)]
+    script += [Send(HEARTBEAT), Pause(0.02), Send(chunk(line[:-1])), Pause(0.02)]
+    script += [Send(HEARTBEAT), Stall()]
+    answers: List[Any] = []
+    with ScriptedServer([script]) as srv:
+        stream = FeedStream(
+            NonBlockingConnection("127.0.0.1", srv.port),
+            b"GET /db/_changes?feed=continuous HTTP/1.1\r\nHost: x\r\n\r\n",
+            srv.url,
+            max_line_bytes=1 << 20,
+        )
+        with selectors.DefaultSelector() as selector:
+            stream.start()
+            selector.register(stream.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE)
+            deadline = time.monotonic() + 3.0
+            while len(answers) < 3 and time.monotonic() < deadline:
+                if selector.select(0.5):
+                    answer = stream.on_ready()  # None, or a list of rows (often empty)
+                    if answer is None or answer:
+                        answers.append(answer)
+                    if stream.want() is Want.READ:
+                        selector.modify(stream.fileno(), selectors.EVENT_READ)
+        stream.close()
+    # The row (with the heartbeat after it in the same read), a quiet heartbeat, then the
+    # heartbeat that ends the held partial line: the row again, not None.
+    assert answers[:1] == [[json.loads(line)]] and answers[1] is None
+    assert answers[2:] == [[json.loads(line)]]
+
+
+def test_a_dropped_loop_with_a_streaming_consumer_is_collected() -> None:
+    # The watchdog wheels are found per loop through a registry that is weak on both sides: a
+    # program that drops its loop and consumers without stopping them leaks nothing.
+    with ScriptedServer([feed(chunk(row(1)) + HEARTBEAT)]) as srv, Server(srv.url) as server:
+        loop = Loop()
+        consumer = Consumer(server.get_db("db"), loop)
+        consumer.start(lambda change: None, since=0)
+        run_until(loop, lambda c=consumer: c._caught_up)  # type: ignore[misc]
+        watchdogs = consumer._watchdogs
+        assert watchdogs is not None and len(watchdogs) == 1  # armed
+        refs = [weakref.ref(loop), weakref.ref(consumer), weakref.ref(watchdogs)]
+        stream = consumer._stream
+        assert stream is not None
+        stream.close()  # what the finalizers would do, without ResourceWarnings
+        loop.close()
+        del loop, consumer, watchdogs, stream
+        gc.collect()
+        assert [ref() for ref in refs] == [None, None, None]

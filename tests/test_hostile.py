@@ -68,7 +68,7 @@ from changeloop._params import silence_allowance
 from changeloop._readers import MAX_HEAD_BYTES
 from changeloop._stream import RECV_BYTES
 from changeloop.checkpoint import MemoryCheckpoint
-from changeloop.consumer import RECONNECT_BASE_S, RECONNECT_CAP_S
+from changeloop.consumer import RECONNECT_BASE_S, RECONNECT_CAP_S, WATCHDOG_RESOLUTION
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -279,7 +279,8 @@ def test_backoff_resets_after_a_healthy_period() -> None:
             assert retry_in is not None
             clock.advance(retry_in)
         r.run_until(lambda: r.consumer.connections == 4 and r.consumer.state == "streaming")
-        clock.advance(30.0)  # up for 30 s > healthy_after: then the watchdog fires
+        # Up for 30 s > healthy_after: then the watchdog fires (within its resolution).
+        clock.advance(30.0 + WATCHDOG_RESOLUTION)
         r.run_until(lambda: len(r.errors()) == 4)
         events = r.errors()
     replay = random.Random(SEED)

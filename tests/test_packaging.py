@@ -48,6 +48,7 @@ LAYERS: Dict[str, int] = {
     "_stream": 4,
     "loop": 4,
     "client": 5,
+    "_wheel": 5,  # deadlines for many objects on one loop timer (the consumers' watchdogs)
     "checkpoint": 6,
     "consumer": 7,
     "watcher": 8,
