@@ -689,7 +689,8 @@ class Consumer:
         stream = self._stream
         if stream is None:
             return
-        loop = self.loop
+        loop = self._loop
+        assert loop is not None  # a stream runs on the loop: it exists
         rows = stream.on_ready()
         self._last_activity = loop.time()
         if rows is None:  # a lone heartbeat: what an idle feed's every read brings

@@ -588,14 +588,19 @@ class Loop:
         # readiness event (a heartbeat): the dispatch is written out here, not in helpers.
         ready_count = len(self._ready)  # only callbacks queued before this pass run in it
         touched = self._touched  # file objects (re)registered since this batch was selected
-        touched.clear()
+        if touched:
+            touched.clear()
         for key, mask in self._selector.select(self._select_timeout(timeout)):
             # mask is already what the key asked for; only a key that an earlier handler of
             # this batch touched may be stale (removed, re-registered, interest changed).
             try:
-                if mask & _READ and (key.fd not in touched or self._still_wants(key, _READ)):
+                if mask & _READ and (
+                    not touched or key.fd not in touched or self._still_wants(key, _READ)
+                ):
                     key.data.handle_read()
-                if mask & _WRITE and (key.fd not in touched or self._still_wants(key, _WRITE)):
+                if mask & _WRITE and (
+                    not touched or key.fd not in touched or self._still_wants(key, _WRITE)
+                ):
                     key.data.handle_write()
             except Exception as exc:
                 self._handler_failed(key, exc)
