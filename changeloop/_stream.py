@@ -198,7 +198,25 @@ class FeedStream:
             ChangeloopError: the :attr:`error` of an earlier call.
         """
         if self.state == _RECEIVING and self.error is None:
-            return self._receive()
+            # Receiving, written out here rather than in a helper: an idle feed's every read.
+            connection = self.connection
+            rows: List[Row] = []
+            try:
+                data = connection.recv(RECV_BYTES)
+                if data is None:
+                    return rows
+                self.bytes_received += len(data)
+                if self._feeding and self._parser.receive_heartbeat(data):
+                    decoder = self.decoder
+                    if not decoder.take_heartbeat():
+                        decoder.feed_into(b"\n", rows)  # it ends the partial line held
+                    elif decoder.last_seq is None and (self._plaintext or not connection.pending()):
+                        return None  # an idle feed's every read
+                    return rows
+                self._receive_more(data, rows)
+            except ChangeloopError as exc:
+                self.error = exc
+            return rows
         if self.error is not None:
             raise self.error
         if self.state == _CONNECTING:
@@ -240,26 +258,6 @@ class FeedStream:
             self._want = Want.READ
         elif self.connection.wants_write:
             self._want = Want.WRITE
-
-    def _receive(self) -> Optional[List[Row]]:
-        connection = self.connection
-        rows: List[Row] = []
-        try:
-            data = connection.recv(RECV_BYTES)
-            if data is None:
-                return rows
-            self.bytes_received += len(data)
-            if self._feeding and self._parser.receive_heartbeat(data):
-                decoder = self.decoder
-                if not decoder.take_heartbeat():
-                    decoder.feed_into(b"\n", rows)  # it ends the partial line held
-                elif decoder.last_seq is None and (self._plaintext or not connection.pending()):
-                    return None  # an idle feed's every read
-                return rows
-            self._receive_more(data, rows)
-        except ChangeloopError as exc:
-            self.error = exc
-        return rows
 
     def _receive_more(self, data: bytes, rows: List[Row]) -> None:
         """Parse ``data``, not a lone heartbeat, and go on receiving while more is there."""

@@ -201,7 +201,8 @@ class Consumer:
             ``"skip"`` (report it through ``on_error`` and go on with the next change).
         reconnect_base, reconnect_cap: the backoff range in seconds.
         healthy_after: seconds a connection must stay up to reset the backoff.
-        watchdog_heartbeats: heartbeats of silence that declare a connection dead.
+        watchdog_heartbeats: heartbeats of silence that declare a connection dead (noticed
+            up to :data:`WATCHDOG_RESOLUTION` later).
         first_byte_timeout: seconds the first byte of a feed may take.
         connect_timeout: seconds to connect (TCP and TLS).
         max_line_bytes: the longest feed line accepted.
