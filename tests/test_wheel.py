@@ -11,6 +11,7 @@ import weakref
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
+from couch3 import FakeClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,23 +21,15 @@ from changeloop.loop import Loop
 pytestmark = pytest.mark.timeout(10)
 
 
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+Clocked = Tuple[Loop, FakeClock]
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def loop(clock: FakeClock) -> Iterator[Loop]:
-    with Loop(clock=clock) as lp:
-        yield lp
+def clocked() -> Iterator[Clocked]:
+    """A loop on a clock that moves only when a test says so."""
+    clock = FakeClock()
+    with Loop(clock=clock) as loop:
+        yield loop, clock
 
 
 def step_to(loop: Loop, clock: FakeClock, when: float) -> None:
@@ -44,9 +37,8 @@ def step_to(loop: Loop, clock: FakeClock, when: float) -> None:
     loop.run_once(0)
 
 
-def test_a_deadline_is_met_within_one_resolution_and_never_early(
-    loop: Loop, clock: FakeClock
-) -> None:
+def test_a_deadline_is_met_within_one_resolution_and_never_early(clocked: Clocked) -> None:
+    loop, clock = clocked
     fired: List[Tuple[str, float]] = []
     wheel: DeadlineWheel[str] = DeadlineWheel(loop, lambda item: fired.append((item, clock.now)))
     wheel.set("a", 1000.42)
@@ -59,7 +51,8 @@ def test_a_deadline_is_met_within_one_resolution_and_never_early(
     assert len(wheel) == 0 and "a" not in wheel and wheel.deadline("a") is None
 
 
-def test_setting_again_moves_and_discard_removes(loop: Loop, clock: FakeClock) -> None:
+def test_setting_again_moves_and_discard_removes(clocked: Clocked) -> None:
+    loop, clock = clocked
     fired: List[str] = []
     wheel: DeadlineWheel[str] = DeadlineWheel(loop, fired.append)
     wheel.set("moved", 1001.0)
@@ -73,7 +66,8 @@ def test_setting_again_moves_and_discard_removes(loop: Loop, clock: FakeClock) -
     assert fired == ["moved"]
 
 
-def test_an_earlier_deadline_than_the_timers_is_met(loop: Loop, clock: FakeClock) -> None:
+def test_an_earlier_deadline_than_the_timers_is_met(clocked: Clocked) -> None:
+    loop, clock = clocked
     fired: List[str] = []
     wheel: DeadlineWheel[str] = DeadlineWheel(loop, fired.append)
     wheel.set("late", 1030.0)
@@ -82,7 +76,8 @@ def test_an_earlier_deadline_than_the_timers_is_met(loop: Loop, clock: FakeClock
     assert fired == ["early"]
 
 
-def test_an_emptied_wheel_leaves_no_timer_so_run_returns(loop: Loop, clock: FakeClock) -> None:
+def test_an_emptied_wheel_leaves_no_timer_so_run_returns(clocked: Clocked) -> None:
+    loop, clock = clocked
     wheel: DeadlineWheel[str] = DeadlineWheel(loop, lambda item: None)
     wheel.set("a", 1060.0)
     assert loop.next_timeout() is not None
@@ -94,7 +89,8 @@ def test_an_emptied_wheel_leaves_no_timer_so_run_returns(loop: Loop, clock: Fake
     assert len(wheel) == 0
 
 
-def test_callbacks_may_set_and_discard_any_item(loop: Loop, clock: FakeClock) -> None:
+def test_callbacks_may_set_and_discard_any_item(clocked: Clocked) -> None:
+    loop, clock = clocked
     fired: List[str] = []
     wheel: DeadlineWheel[str] = DeadlineWheel(loop, lambda item: on_due(item))
 
@@ -122,7 +118,8 @@ def test_callbacks_may_set_and_discard_any_item(loop: Loop, clock: FakeClock) ->
     assert fired == ["rearm"]
 
 
-def test_a_failing_callback_loses_no_other_deadline(loop: Loop, clock: FakeClock) -> None:
+def test_a_failing_callback_loses_no_other_deadline(clocked: Clocked) -> None:
+    loop, clock = clocked
     fired: List[str] = []
 
     def on_due(item: str) -> None:
@@ -150,7 +147,8 @@ def test_a_dropped_loop_and_its_wheel_are_collected() -> None:
     assert [ref() for ref in refs] == [None, None]
 
 
-def test_resolution_must_be_positive(loop: Loop) -> None:
+def test_resolution_must_be_positive(clocked: Clocked) -> None:
+    loop, _ = clocked
     with pytest.raises(ValueError):
         DeadlineWheel(loop, lambda item: None, resolution=0)
 
