@@ -123,8 +123,7 @@ class LineDecoder:
         """Like :meth:`feed`, appending to ``rows``: when a line fails, the rows of the lines
         before it are in ``rows`` already, for the caller to deliver before the error.
         """
-        if data == b"\n" and not self._tail:  # a heartbeat alone: an idle feed's usual read
-            self.heartbeats += 1
+        if data == b"\n" and self.take_heartbeat():  # a heartbeat alone
             return
         last = data.rfind(b"\n")
         if last < 0:

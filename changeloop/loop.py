@@ -164,7 +164,6 @@ class Loop:
         clock: Callable[[], float] = time.monotonic,
         selector: Optional[selectors.BaseSelector] = None,
     ) -> None:
-        self._clock = clock
         #: ``time()`` returns the loop's clock, the time base of :meth:`call_at`. It is the clock
         #: itself, not a method that calls it: every read of a feed notes the time, and on a
         #: loop of thousands of idle feeds that is thousands of Python frames a second saved.
@@ -277,7 +276,7 @@ class Loop:
         Raises:
             RuntimeError: the loop is closed.
         """
-        return self.call_at(self._clock() + delay, fn, *args)
+        return self.call_at(self.time() + delay, fn, *args)
 
     def call_at(self, when: float, fn: Callable[..., object], *args: Any) -> TimerHandle:
         """Schedule ``fn(*args)`` at ``when`` on :meth:`time`'s clock. Not thread-safe.
@@ -578,7 +577,7 @@ class Loop:
             self._cancelled_timers -= 1
         if not timers:
             return timeout
-        wait = timers[0][0] - self._clock()
+        wait = timers[0][0] - self.time()
         if wait <= 0.0:
             return 0.0
         return wait if timeout is None or wait < timeout else timeout
@@ -591,7 +590,7 @@ class Loop:
         if ready_count or not timers or timers[0][2]._cancelled:
             timeout = self._select_timeout(timeout)
         else:  # the usual case, written out: wait until the live timer at the head is due
-            wait = timers[0][0] - self._clock()
+            wait = timers[0][0] - self.time()
             if wait <= 0.0:
                 timeout = 0.0
             elif timeout is None or wait < timeout:
@@ -613,7 +612,7 @@ class Loop:
                     key.data.handle_write()
             except Exception as exc:
                 self._handler_failed(key, exc)
-        if timers and timers[0][0] <= self._clock():
+        if timers and timers[0][0] <= self.time():
             self._run_due_timers()
         if ready_count:
             self._run_ready(ready_count)
@@ -621,7 +620,7 @@ class Loop:
     def _run_due_timers(self) -> None:
         # Pop every due timer before running any (as pika does): all see the same "now", and a
         # timer that schedules another due one (call_later(0)) cannot stretch this pass forever.
-        now = self._clock()
+        now = self.time()
         timers = self._timers
         due: List[TimerHandle] = []
         while timers and timers[0][0] <= now:
