@@ -5,6 +5,7 @@ then closes gracefully (FIN, then drain until the client closes) so the client n
 it did not ask for. Clients are closed before servers are joined (``with`` nesting order).
 """
 
+import os
 import select
 import socket
 import ssl
@@ -456,6 +457,39 @@ def drive(conn: NonBlockingConnection, timeout: float = 2.0) -> List[int]:
     return fds
 
 
+def wait_for_records_behind(conn: NonBlockingConnection, big: int, count: int) -> None:
+    """Wait until ``count`` TLS records of at least ``big`` bytes, and one whole record behind
+    them, sit unread in the kernel's buffer.
+
+    ``sendall`` on the server returning does not mean every byte has reached the client's
+    socket (a busy machine delivers loopback traffic later), and a test about what one
+    ``recv`` takes must first know that it is all there. Peeks at the raw bytes; reads nothing.
+    """
+    raw = socket.socket(fileno=os.dup(conn.fileno()))
+    deadline = time.monotonic() + 3
+    try:
+        while time.monotonic() < deadline:
+            select.select([raw], [], [], 0.05)
+            try:
+                queued = raw.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            lengths = []  # of the whole records queued
+            at = 0
+            while at + 5 <= len(queued):
+                length = struct.unpack("!H", queued[at + 3 : at + 5])[0]
+                if at + 5 + length > len(queued):
+                    break
+                lengths.append(length)
+                at += 5 + length
+            bigs = [i for i, length in enumerate(lengths) if length >= big]
+            if len(bigs) >= count and bigs[count - 1] + 1 < len(lengths):
+                return
+        raise AssertionError("the server's records never all reached the client")
+    finally:
+        raw.close()
+
+
 def read_until_eof(conn: NonBlockingConnection, max_bytes: int = 65536) -> bytes:
     chunks: List[bytes] = []
     while True:
@@ -640,7 +674,7 @@ def test_nonblocking_tls_reads_several_records_then_the_eof_behind_them(
         with NonBlockingConnection(server.host, server.port, ssl_context=client_ctx) as conn:
             drive(conn)
             assert sent.wait(5)
-            assert wait(conn, Want.READ)
+            wait_for_records_behind(conn, big=10_000, count=len(records))
             assert conn.recv(1 << 20) == b"".join(records)
             assert conn.pending() == 1  # the EOF, met after the records and held back
             assert conn.recv(1 << 20) == b""
