@@ -73,7 +73,6 @@ class FeedStream:
     __slots__ = (
         "_body",
         "_body_bytes",
-        "_error_body",
         "_error_status",
         "_feeding",
         "_method",
@@ -121,7 +120,6 @@ class FeedStream:
         #: Bytes received so far, framing included.
         self.bytes_received = 0
         self._error_status = 0
-        self._error_body: List[bytes] = []
         #: A failure met while receiving. It is kept here rather than raised, so that what the
         #: same read brought before it (the head, rows, heartbeats, the last_seq line) is still
         #: handed over and acted on: a cut often arrives together with the last good rows.
@@ -129,6 +127,8 @@ class FeedStream:
         self.error: Optional[ChangeloopError] = None
         #: Whether this is a ``document`` stream: a one-shot answer, not a feed.
         self.one_shot = document
+        # The parts of a one-shot answer or of an error status's body (never both), held until
+        # the response ends: one list for either, as a feed that streams needs neither.
         self._body: List[bytes] = []
         self._body_bytes = 0
         #: With ``document=True``: the decoded answer, once the response ended.
@@ -294,7 +294,7 @@ class FeedStream:
                 if self._error_status:
                     if self._body_bytes < MAX_ERROR_BODY_BYTES:
                         self._body_bytes += len(event.data)
-                        self._error_body.append(event.data)
+                        self._body.append(event.data)
                 elif self.one_shot:
                     self._hold_document(event.data)
                 else:
@@ -331,5 +331,5 @@ class FeedStream:
         return body
 
     def _http_error(self) -> HTTPError:
-        body = b"".join(self._error_body)
+        body = self._take_body()
         return http_error_from_body(self._error_status, body, method=self._method, url=self.url)

@@ -17,7 +17,7 @@ import os
 import socket
 import ssl
 import time
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from .errors import (
     ConnectError,
@@ -332,7 +332,8 @@ class NonBlockingConnection:
         self.wants_write = False
         self._tls: Optional[ssl.SSLSocket] = None
         self._deferred: Optional[OSError] = None  # met by recv() after some bytes; raised next
-        self._addrs: List[AddrInfo] = []
+        # The addresses left to try; an empty tuple once connected, not a list kept per feed.
+        self._addrs: Sequence[AddrInfo] = ()
         self._last_exc: Optional[BaseException] = None
 
     def __repr__(self) -> str:
@@ -420,7 +421,8 @@ class NonBlockingConnection:
 
     def _connect_next(self) -> Want:
         while self._addrs:
-            family, type_, proto, _, sockaddr = self._addrs.pop(0)
+            family, type_, proto, _, sockaddr = self._addrs[0]
+            self._addrs = self._addrs[1:]
             try:
                 new = socket.socket(family, type_, proto)
             except OSError as exc:  # e.g. EAFNOSUPPORT: an IPv6 address on a host without IPv6
@@ -448,7 +450,7 @@ class NonBlockingConnection:
 
     def _connected(self) -> Want:
         logger.debug("connected to %s", _where(self.host, self.port))
-        self._addrs = []
+        self._addrs = ()
         if self.ssl_context is None:
             self.state = "open"
             return Want.DONE
@@ -591,7 +593,7 @@ class NonBlockingConnection:
         framing, not the TLS shutdown, tells the peer the request was complete.
         """
         self.state = "closed"
-        self._addrs = []
+        self._addrs = ()
         sock, self.sock, self._tls = self.sock, None, None
         if sock is not None:
             sock.close()
