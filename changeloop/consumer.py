@@ -21,7 +21,7 @@ import collections
 import logging
 import random
 import weakref
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Union
 
 from ._feed import MAX_LINE_BYTES, decode_document
 from ._params import (
@@ -104,12 +104,13 @@ _IDLE, _CONNECTING, _STREAMING, _BACKOFF, _STOPPED = (
 class _ConnectGate:
     """The consumers of one loop that are connecting, and those waiting for their turn."""
 
-    __slots__ = ("connecting", "waiting", "queued", "__weakref__")
+    __slots__ = ("connecting", "waiting", "__weakref__")
 
     def __init__(self) -> None:
         self.connecting: Set[Consumer] = set()
+        # In turn; a consumer's _in_waiting says it is here (a set for that would keep, once
+        # drained, the table of the largest queue: 50 bytes a feed after 10,000 started at once).
         self.waiting: Deque[Consumer] = collections.deque()
-        self.queued: Set[Consumer] = set()  # the consumers in waiting, for O(1) membership
 
 
 #: One gate per loop, kept as long as the loop lives.
@@ -119,27 +120,23 @@ _GATES: "weakref.WeakKeyDictionary[Loop, _ConnectGate]" = weakref.WeakKeyDiction
 WATCHDOG_RESOLUTION = 0.1
 
 
-def _watchdog_due(ref: "weakref.ReferenceType[Consumer]") -> None:
-    consumer = ref()
-    if consumer is not None:
-        consumer._watchdog()
-
-
 #: The watchdogs of each loop's consumers on one timing wheel (see _wheel): re-arming one is
 #: O(1), where a heap timer per consumer cost O(log n) comparisons on cold memory. Weak on both
-#: sides: the consumers (by weak reference in the wheel) and the loop's pending timer keep a
-#: wheel alive, and a loop dropped with its consumers is collected as before.
+#: sides: the consumers and the loop's pending timer keep a wheel alive, and a loop dropped with
+#: its consumers is collected as before. The wheel holds its consumers themselves, as the loop's
+#: selector does while they stream: a weak reference each would cost memory and a call per
+#: firing, and keep nothing alive that the selector does not.
 _WATCHDOGS: "weakref.WeakKeyDictionary[Loop, weakref.ReferenceType[_Watchdogs]]" = (
     weakref.WeakKeyDictionary()
 )
-_Watchdogs = DeadlineWheel["weakref.ReferenceType[Consumer]"]
+_Watchdogs = DeadlineWheel["Consumer"]
 
 
 def _watchdogs_of(loop: Loop) -> "_Watchdogs":
     ref = _WATCHDOGS.get(loop)
     wheel = None if ref is None else ref()
     if wheel is None:
-        wheel = DeadlineWheel(loop, _watchdog_due, WATCHDOG_RESOLUTION)
+        wheel = DeadlineWheel(loop, Consumer._watchdog, WATCHDOG_RESOLUTION)
         _WATCHDOGS[loop] = weakref.ref(wheel)
     return wheel
 
@@ -228,6 +225,7 @@ class Consumer:
         "_connected_at",
         "_delivering",
         "_fd",
+        "_in_waiting",
         "_followers",
         "_last_activity",
         "_limit",
@@ -321,6 +319,7 @@ class Consumer:
         self._state = _IDLE
         self._stream: Optional[FeedStream] = None
         self._fd = -1
+        self._in_waiting = False  # in its loop's _ConnectGate.waiting
         self._params: Dict[str, Any] = {}
         self._since: Any = None
         self._silence = 0.0  # the watchdog's allowance once the body flows, set by start()
@@ -339,7 +338,7 @@ class Consumer:
         self._stop_requested = False
         self._unsaved = 0
         self._saved_at = 0.0  # on the loop's clock, like every other time here
-        self._followers: List[Consumer] = []  # the consumers of changes() iterators
+        self._followers: Sequence[Consumer] = ()  # the consumers of changes() iterators
         #: Changes delivered to the callbacks since ``start``. Counted once the callbacks have
         #: returned for all the changes of one read (of one batch in batch mode), and before a
         #: checkpoint: inside a callback it does not count the changes of the current read yet.
@@ -391,7 +390,7 @@ class Consumer:
         self.stop()
         for follower in self._followers:
             follower.stop()
-        self._followers.clear()
+        self._followers = ()
         if self._own_loop and self._loop is not None and not self._loop.is_running():
             self._loop.close()
             self._loop = None
@@ -562,8 +561,8 @@ class Consumer:
         """
         iterator = ChangesIterator(self, since, feed, params)
         if iterator._follower is not None:
-            self._followers = [f for f in self._followers if f.running]
-            self._followers.append(iterator._follower)
+            running = [f for f in self._followers if f.running]
+            self._followers = running + [iterator._follower]
         return iterator
 
     def stop(self) -> None:
@@ -602,8 +601,8 @@ class Consumer:
             gate = _GATES[loop] = _ConnectGate()
         if self not in gate.connecting:
             if len(gate.connecting) >= MAX_CONNECTING_PER_LOOP:
-                if self not in gate.queued:  # _leave_gate() calls _connect again in turn
-                    gate.queued.add(self)
+                if not self._in_waiting:  # _leave_gate() calls _connect again in turn
+                    self._in_waiting = True
                     gate.waiting.append(self)
                 return
             gate.connecting.add(self)
@@ -633,7 +632,7 @@ class Consumer:
         gate.connecting.discard(self)
         while gate.waiting and len(gate.connecting) < MAX_CONNECTING_PER_LOOP:
             successor = gate.waiting.popleft()
-            gate.queued.discard(successor)
+            successor._in_waiting = False
             if successor._state in (_CONNECTING, _BACKOFF) and successor._stream is None:
                 gate.connecting.add(successor)
                 self.loop.call_soon(successor._connect)
@@ -966,7 +965,7 @@ class Consumer:
         self._body_seen = decoder is not None and bool(decoder.rows or decoder.heartbeats)
         if self._watchdogs is None:
             self._watchdogs = _watchdogs_of(self.loop)
-        self._watchdogs.set(weakref.ref(self), self._last_activity + self._allowance())
+        self._watchdogs.set(self, self._last_activity + self._allowance())
 
     def _allowance(self) -> float:
         stream = self._stream
@@ -975,22 +974,29 @@ class Consumer:
         return max(self._silence, self.first_byte_timeout)  # nothing of the body yet
 
     def _watchdog(self) -> None:
-        """Fire at most once per allowance: O(1) per feed, whatever the traffic."""
-        if self._stream is None or self._watchdogs is None:
+        """Fire at most once per allowance: O(1) per feed, whatever the traffic.
+
+        On a loop of idle feeds this runs for every feed once in two or three heartbeats, so
+        the usual case (the body began: the heartbeat allowance) reads no more than it needs.
+        """
+        watchdogs = self._watchdogs
+        loop = self._loop
+        if self._stream is None or watchdogs is None or loop is None:
             return
-        allowance = self._allowance()
-        idle = self.loop.time() - self._last_activity
+        allowance = self._silence if self._body_seen else self._allowance()
+        last = self._last_activity
+        idle = loop.time() - last
         if idle >= allowance:
             self._fail(ReadTimeout("no data for %.1f s: the connection is presumed dead" % idle))
         else:
-            self._watchdogs.set(weakref.ref(self), self._last_activity + allowance)
+            watchdogs.set(self, last + allowance)
 
     def _close_stream(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._watchdogs is not None:
-            self._watchdogs.discard(weakref.ref(self))
+            self._watchdogs.discard(self)
         if self._fd >= 0:
             self.loop.remove_handler(self._fd)
             self._fd = -1
