@@ -529,8 +529,11 @@ class Loop:
                 raise  # else closed meanwhile: nobody is left to wake
 
     def _has_work(self) -> bool:
-        handlers = len(self._selector.get_map()) - 1  # minus the wake-up socket
-        return bool(self._ready or len(self._timers) > self._cancelled_timers or handlers)
+        # Asked before every pass of run(): the cheap tests first, as a loop of feeds nearly
+        # always has a live timer; counting handlers costs three calls into selectors.
+        if self._ready or len(self._timers) > self._cancelled_timers:
+            return True
+        return len(self._selector.get_map()) > 1  # more than the wake-up socket
 
     def _key(self, fileobj: FileLike) -> Optional[selectors.SelectorKey]:
         try:
