@@ -109,7 +109,7 @@ class _ConnectGate:
     def __init__(self) -> None:
         self.connecting: Set[Consumer] = set()
         # In turn; a consumer's _in_waiting says it is here (a set for that would keep, once
-        # drained, the table of the largest queue: 50 bytes a feed after 10,000 started at once).
+        # drained, the table of its largest size: some 60 bytes a feed, if all started at once).
         self.waiting: Deque[Consumer] = collections.deque()
 
 
@@ -225,8 +225,8 @@ class Consumer:
         "_connected_at",
         "_delivering",
         "_fd",
-        "_in_waiting",
         "_followers",
+        "_in_waiting",
         "_last_activity",
         "_limit",
         "_loop",
