@@ -802,7 +802,7 @@ def verdict(value: Optional[float], target: float, stretch: Optional[float] = No
     return "MISSED"
 
 
-def print_targets(result: Result, args: argparse.Namespace) -> None:
+def print_targets(result: Result, args: argparse.Namespace, floor: Optional[Result]) -> None:
     feeds = result["feeds"]
     print("targets for changeloop at %d feeds:" % feeds)
     if feeds != TARGET_FEEDS or args.heartbeat_ms != 5000 or args.rate != 100:
@@ -825,9 +825,15 @@ def print_targets(result: Result, args: argparse.Namespace) -> None:
         )
     )
     idle = result.get("idle_cpu_pct")
+    floor_idle = None if floor is None else floor.get("idle_cpu_pct")
     print(
-        "  %-46s %s (%s)"
-        % ("idle CPU <= 5% of one core", verdict(idle, TARGET_IDLE_CPU_PCT), fmt(idle, "%.1f%%"))
+        "  %-46s %s (%s%s)"
+        % (
+            "idle CPU <= 5% of one core",
+            verdict(idle, TARGET_IDLE_CPU_PCT),
+            fmt(idle, "%.1f%%"),
+            "" if floor_idle is None else "; the bare floor: %.1f%% in this run" % floor_idle,
+        )
     )
     p99 = result.get("p99_us")
     print(
@@ -949,6 +955,7 @@ def main() -> None:
     results: Dict[int, List[Tuple[Result, Optional[float]]]] = {n: [] for n in args.feeds}
     profiles: List[Tuple[str, str]] = []
     targets: Dict[int, Result] = {}
+    floors: Dict[int, Result] = {}
     kinds = [("changeloop", package) for package in packages]
     if not args.no_floor:
         kinds.append(("bare", ROOT))
@@ -974,6 +981,8 @@ def main() -> None:
             results[feeds].append((result, py_bytes))
             if kind == "changeloop" and package == ROOT:
                 targets[feeds] = result
+            elif kind == "bare":
+                floors[feeds] = result
             print("  " + row(result, py_bytes).replace("\n", "\n  "), flush=True)
             if profile_path and os.path.exists(profile_path):
                 with open(profile_path) as text:
@@ -1064,7 +1073,7 @@ def main() -> None:
                 )
     print()
     print("load average after: %s" % load_average())
-    print_targets(targets[largest], args)
+    print_targets(targets[largest], args, floors.get(largest))
     for title, text in profiles:
         print()
         print("cProfile of the %s window, %s:" % (args.profile, title))
