@@ -60,6 +60,10 @@ class Handler(Protocol):
         """
 
 
+def _dropped_by_close(*args: object) -> None:
+    """What a handle of a closed loop calls instead of its callback: nothing."""
+
+
 class Handle:
     """A callback queued by :meth:`Loop.call_soon` or :meth:`Loop.call_soon_threadsafe`."""
 
@@ -79,6 +83,12 @@ class Handle:
         """Keep the callback from running if it has not run yet. Idempotent; not thread-safe."""
         self._cancelled = True
         self._args = ()  # see TimerHandle.cancel
+
+    def _drop(self) -> None:
+        # Its loop closed: cancelled, and holding neither the callback nor its arguments.
+        self._cancelled = True
+        self._fn = _dropped_by_close
+        self._args = ()
 
     def _run(self) -> None:
         try:
@@ -122,6 +132,10 @@ class TimerHandle(Handle):
             self._args = ()
             if self._in_heap:
                 self._loop._timer_cancelled()
+
+    def _drop(self) -> None:
+        super()._drop()
+        self._in_heap = False  # the closed loop's heap is gone: a cancel() has nothing to tell
 
     def _state(self) -> str:
         return " when=%.3f%s" % (self._when, super()._state())
@@ -466,6 +480,13 @@ class Loop:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+        # A handle its owner still holds (a consumer's connect timer, a timing wheel's timer)
+        # lets go of its callback too: whatever the callback would have kept alive, and any
+        # cycle through it, goes with the loop, without waiting for the cycle collector.
+        for _, _, timer in self._timers:
+            timer._drop()
+        for handle in self._ready:
+            handle._drop()
         self._timers.clear()
         self._cancelled_timers = 0
         self._ready.clear()

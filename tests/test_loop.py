@@ -5,12 +5,14 @@ stepped with ``run_once(0)``. Thread tests use real time with generous bounds, a
 loop really was blocked in ``select()`` (a spy selector records when it enters with no timeout).
 """
 
+import gc
 import logging
 import select
 import selectors
 import socket
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import pytest
@@ -729,6 +731,33 @@ def test_close_is_idempotent_and_a_closed_loop_refuses_work(
             call()
     loop.stop()  # harmless once closed
     loop.remove_handler(a)
+
+
+def test_a_closed_loop_lets_go_of_the_callbacks_of_handles_still_held() -> None:
+    # A timer's owner often holds its handle (to cancel it) while the handle holds the owner's
+    # bound method: a cycle. Closing the loop empties the handles, so the owner goes with the
+    # loop by reference counting alone, as anything the callbacks' arguments held.
+    class Owner:
+        def __init__(self, loop: Loop) -> None:
+            self.timer = loop.call_later(60, self.fire)
+            self.soon = loop.call_soon(self.fire)
+
+        def fire(self) -> None:
+            pass
+
+    loop = Loop()
+    owner = Owner(loop)
+    kept = owner.timer
+    ref = weakref.ref(owner)
+    gc.disable()  # reference counting, not the cycle collector
+    try:
+        loop.close()
+        del owner
+        assert ref() is None
+    finally:
+        gc.enable()
+    assert kept.cancelled and "cancelled" in repr(kept)
+    kept.cancel()  # harmless once its loop is closed
 
 
 def test_context_manager_closes() -> None:
