@@ -376,7 +376,7 @@ class NonBlockingConnection:
             raise RuntimeError("cannot start %r: start() runs once" % (self,))
         self.state = "resolving"
         try:
-            self._addrs = resolve(self.host, self.port)
+            self._addrs = tuple(resolve(self.host, self.port))
         except ConnectError:
             self.close()
             raise

@@ -121,11 +121,10 @@ WATCHDOG_RESOLUTION = 0.1
 
 
 #: The watchdogs of each loop's consumers on one timing wheel (see _wheel): re-arming one is
-#: O(1), where a heap timer per consumer cost O(log n) comparisons on cold memory. Weak on both
-#: sides: the consumers and the loop's pending timer keep a wheel alive, and a loop dropped with
-#: its consumers is collected as before. The wheel holds its consumers themselves, as the loop's
-#: selector does while they stream: a weak reference each would cost memory and a call per
-#: firing, and keep nothing alive that the selector does not.
+#: O(1), where a heap timer per consumer cost O(log n) comparisons on cold memory. Only the loop's
+#: pending timer keeps a wheel alive; this registry and the consumers refer to it weakly. The
+#: wheel holds the consumers themselves, as the loop's selector does while they stream, so a loop
+#: closed (its timers dropped) or dropped lets go of its wheel, and the wheel of its consumers.
 _WATCHDOGS: "weakref.WeakKeyDictionary[Loop, weakref.ReferenceType[_Watchdogs]]" = (
     weakref.WeakKeyDictionary()
 )
@@ -136,6 +135,7 @@ def _watchdogs_of(loop: Loop) -> "_Watchdogs":
     ref = _WATCHDOGS.get(loop)
     wheel = None if ref is None else ref()
     if wheel is None:
+        # Called unbound, one call less per firing: no subclass overrides _watchdog.
         wheel = DeadlineWheel(loop, Consumer._watchdog, WATCHDOG_RESOLUTION)
         _WATCHDOGS[loop] = weakref.ref(wheel)
     return wheel
@@ -327,8 +327,9 @@ class Consumer:
         self._session_renewed = False  # a 401 dropped the session cookie since the last connect
         self._limit: Optional[int] = None
         self._timer: Optional[TimerHandle] = None  # connect timeout or backoff
-        #: The loop's watchdog wheel, once this consumer armed its watchdog.
-        self._watchdogs: Optional[_Watchdogs] = None
+        #: The loop's watchdog wheel, once this consumer armed its watchdog: a weak reference,
+        #: as only the loop's timer may keep a wheel alive (see _WATCHDOGS).
+        self._watchdogs: Optional[weakref.ReferenceType[_Watchdogs]] = None
         self._last_activity = 0.0
         self._connected_at: Optional[float] = None
         self._attempt = 0
@@ -395,6 +396,7 @@ class Consumer:
             self._loop.close()
             self._loop = None
             self._watchdogs = None
+            self._in_waiting = False  # the closed loop's gate went with it
 
     def __enter__(self) -> "Consumer":
         return self
@@ -963,9 +965,11 @@ class Consumer:
             self._timer = None
         decoder = None if self._stream is None else self._stream.decoder
         self._body_seen = decoder is not None and bool(decoder.rows or decoder.heartbeats)
-        if self._watchdogs is None:
-            self._watchdogs = _watchdogs_of(self.loop)
-        self._watchdogs.set(self, self._last_activity + self._allowance())
+        wheel = None if self._watchdogs is None else self._watchdogs()
+        if wheel is None:  # the first time, or the loop's wheel emptied and went
+            wheel = _watchdogs_of(self.loop)
+            self._watchdogs = weakref.ref(wheel)  # the registry's own reference: no new object
+        wheel.set(self, self._last_activity + self._allowance())
 
     def _allowance(self) -> float:
         stream = self._stream
@@ -979,7 +983,7 @@ class Consumer:
         On a loop of idle feeds this runs for every feed once in two or three heartbeats, so
         the usual case (the body began: the heartbeat allowance) reads no more than it needs.
         """
-        watchdogs = self._watchdogs
+        watchdogs = None if self._watchdogs is None else self._watchdogs()
         loop = self._loop
         if self._stream is None or watchdogs is None or loop is None:
             return
@@ -995,8 +999,9 @@ class Consumer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._watchdogs is not None:
-            self._watchdogs.discard(self)
+        watchdogs = None if self._watchdogs is None else self._watchdogs()
+        if watchdogs is not None:
+            watchdogs.discard(self)
         if self._fd >= 0:
             self.loop.remove_handler(self._fd)
             self._fd = -1

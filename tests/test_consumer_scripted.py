@@ -44,6 +44,7 @@ from scripted import (
 )
 
 from changeloop import Consumer, FeedEvent, Loop, ProtocolError, Server
+from changeloop import consumer as consumer_module
 from changeloop._stream import FeedStream
 from changeloop._transport import NonBlockingConnection, Want
 from changeloop.checkpoint import MemoryCheckpoint
@@ -495,6 +496,57 @@ def test_an_idle_feeds_heartbeats_take_the_quiet_path() -> None:
     assert answers[2:] == [[json.loads(line)]]
 
 
+def test_a_closed_loop_lets_go_of_its_streaming_consumers_at_once() -> None:
+    # The watchdog wheel holds the consumers themselves; only the loop's timer holds the wheel.
+    # So closing the loop frees a consumer the program dropped, by reference counting alone,
+    # even while another consumer of the same loop (which refers to the wheel) is kept.
+    script = feed(chunk(row(1)) + HEARTBEAT)
+    with ScriptedServer([script]) as srv, Server(srv.url) as server:
+        loop = Loop()
+        kept = Consumer(server.get_db("kept"), loop)
+        dropped = Consumer(server.get_db("dropped"), loop)
+        for consumer in (kept, dropped):
+            consumer.start(lambda change: None, since=0)
+        run_until(loop, lambda both=(kept, dropped): all(c._caught_up for c in both))
+        ref = weakref.ref(dropped)
+        streams = [c._stream for c in (kept, dropped)]
+        gc.disable()  # what frees it must be reference counting, not a collection
+        try:
+            loop.close()
+            del dropped, consumer
+            assert ref() is None
+        finally:
+            gc.enable()
+            for stream in streams:
+                assert stream is not None
+                stream.close()  # what the finalizers would do, without ResourceWarnings
+
+
+def test_a_consumer_waiting_for_its_turn_connects_once_after_a_stop_and_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The loop's connect gate lets MAX_CONNECTING_PER_LOOP consumers connect at a time; the
+    # others wait in turn, each once however often it is stopped and started meanwhile.
+    monkeypatch.setattr(consumer_module, "MAX_CONNECTING_PER_LOOP", 1)
+    slow = [Read(), Pause(0.3), Send(COUCH_HEAD + chunk(row(1)) + HEARTBEAT), Stall()]
+    with ScriptedServer([slow, feed(chunk(row(2)) + HEARTBEAT)]) as srv, Server(srv.url) as server:
+        with Loop() as loop:
+            first = Consumer(server.get_db("first"), loop)
+            second = Consumer(server.get_db("second"), loop)
+            first.start(lambda change: None, since=0)
+            second.start(lambda change: None, since=0)
+            run_until(loop, lambda: len(srv.requests) == 1)
+            assert second._in_waiting and second.state == "connecting"
+            second.stop()
+            second.start(lambda change: None, since=0)  # still waiting, once
+            run_until(loop, lambda: first._caught_up and second._caught_up)
+            assert not second._in_waiting
+            assert len(srv.requests) == 2  # one connection each: none doubled
+            assert (first.connections, second.connections) == (1, 1)
+            first.stop()
+            second.stop()
+
+
 def test_a_dropped_loop_with_a_streaming_consumer_is_collected() -> None:
     # The watchdog wheels are found per loop through a registry that is weak on both sides: a
     # program that drops its loop and consumers without stopping them leaks nothing.
@@ -503,7 +555,8 @@ def test_a_dropped_loop_with_a_streaming_consumer_is_collected() -> None:
         consumer = Consumer(server.get_db("db"), loop)
         consumer.start(lambda change: None, since=0)
         run_until(loop, lambda c=consumer: c._caught_up)  # type: ignore[misc]
-        watchdogs = consumer._watchdogs
+        assert consumer._watchdogs is not None
+        watchdogs = consumer._watchdogs()
         assert watchdogs is not None and len(watchdogs) == 1  # armed
         refs = [weakref.ref(loop), weakref.ref(consumer), weakref.ref(watchdogs)]
         stream = consumer._stream
