@@ -329,7 +329,7 @@ class Consumer:
         self._timer: Optional[TimerHandle] = None  # connect timeout or backoff
         #: The loop's watchdog wheel, once this consumer armed its watchdog: a weak reference,
         #: as only the loop's timer may keep a wheel alive (see _WATCHDOGS).
-        self._watchdogs: Optional[weakref.ReferenceType[_Watchdogs]] = None
+        self._watchdogs: "Optional[weakref.ReferenceType[_Watchdogs]]" = None  # noqa: UP037 (3.8)
         self._last_activity = 0.0
         self._connected_at: Optional[float] = None
         self._attempt = 0
