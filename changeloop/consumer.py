@@ -131,6 +131,11 @@ _WATCHDOGS: "weakref.WeakKeyDictionary[Loop, weakref.ReferenceType[_Watchdogs]]"
 _Watchdogs = DeadlineWheel["Consumer"]
 
 
+def _no_wheel() -> Optional[_Watchdogs]:
+    """A consumer's wheel reference before it armed a watchdog: like a dead weak reference."""
+    return None
+
+
 def _watchdogs_of(loop: Loop) -> "_Watchdogs":
     ref = _WATCHDOGS.get(loop)
     wheel = None if ref is None else ref()
@@ -327,9 +332,9 @@ class Consumer:
         self._session_renewed = False  # a 401 dropped the session cookie since the last connect
         self._limit: Optional[int] = None
         self._timer: Optional[TimerHandle] = None  # connect timeout or backoff
-        #: The loop's watchdog wheel, once this consumer armed its watchdog: a weak reference,
-        #: as only the loop's timer may keep a wheel alive (see _WATCHDOGS).
-        self._watchdogs: "Optional[weakref.ReferenceType[_Watchdogs]]" = None  # noqa: UP037 (3.8)
+        #: The loop's watchdog wheel, once this consumer armed its watchdog: a weak reference
+        #: (only the loop's timer may keep a wheel alive, see _WATCHDOGS); _no_wheel before.
+        self._watchdogs: Callable[[], Optional[_Watchdogs]] = _no_wheel
         self._last_activity = 0.0
         self._connected_at: Optional[float] = None
         self._attempt = 0
@@ -395,7 +400,7 @@ class Consumer:
         if self._own_loop and self._loop is not None and not self._loop.is_running():
             self._loop.close()
             self._loop = None
-            self._watchdogs = None
+            self._watchdogs = _no_wheel
             self._in_waiting = False  # the closed loop's gate went with it
 
     def __enter__(self) -> "Consumer":
@@ -965,7 +970,7 @@ class Consumer:
             self._timer = None
         decoder = None if self._stream is None else self._stream.decoder
         self._body_seen = decoder is not None and bool(decoder.rows or decoder.heartbeats)
-        wheel = None if self._watchdogs is None else self._watchdogs()
+        wheel = self._watchdogs()
         if wheel is None:  # the first time, or the loop's wheel emptied and went
             wheel = _watchdogs_of(self.loop)
             self._watchdogs = weakref.ref(wheel)  # the registry's own reference: no new object
@@ -983,7 +988,7 @@ class Consumer:
         On a loop of idle feeds this runs for every feed once in two or three heartbeats, so
         the usual case (the body began: the heartbeat allowance) reads no more than it needs.
         """
-        watchdogs = None if self._watchdogs is None else self._watchdogs()
+        watchdogs = self._watchdogs()
         loop = self._loop
         if self._stream is None or watchdogs is None or loop is None:
             return
@@ -999,7 +1004,7 @@ class Consumer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        watchdogs = None if self._watchdogs is None else self._watchdogs()
+        watchdogs = self._watchdogs()
         if watchdogs is not None:
             watchdogs.discard(self)
         if self._fd >= 0:
