@@ -273,6 +273,9 @@ class Consumer:
         "__weakref__",
     )
 
+    #: How a feed's connection is made: the seam where the simulation tests put a fake network.
+    _connect_with: Callable[..., NonBlockingConnection] = NonBlockingConnection
+
     def __init__(
         self,
         db: Database,
@@ -667,7 +670,7 @@ class Consumer:
         data = serialize_request(
             request.method, target, endpoint.host_header, headers, request.body
         )
-        connection = NonBlockingConnection(
+        connection = self._connect_with(
             endpoint.host, endpoint.port, ssl_context=endpoint.ssl_context
         )
         return FeedStream(
