@@ -261,7 +261,12 @@ def _parse_status_line(line: bytes) -> Tuple[bytes, int, bytes]:
         raise ProtocolError("control character in status line %r" % excerpt(line))
     if parts[0][5:6] != b"1":
         raise ProtocolError("unsupported HTTP version %r" % parts[0].decode("ascii", "replace"))
-    return parts[0][5:], int(parts[1]), reason
+    status = int(parts[1])
+    if not 100 <= status <= 599:
+        # RFC 9110 §15: status codes are 100-599. Anything else ("000" from a broken proxy,
+        # "999") is not an answer we can classify: never read it as success or as an error body.
+        raise ProtocolError("status code %d is outside 100-599 in %r" % (status, excerpt(line)))
+    return parts[0][5:], status, reason
 
 
 def _keep_alive(version: bytes, headers: Headers) -> bool:

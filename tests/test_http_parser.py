@@ -153,6 +153,13 @@ def test_malformed_status_lines(line: bytes) -> None:
         feed([line + b"\r\nContent-Length: 0\r\n\r\n"])
 
 
+@pytest.mark.parametrize("code", [b"000", b"099", b"600", b"999"])
+def test_status_codes_outside_100_to_599_are_protocol_errors(code: bytes) -> None:
+    # A "000" from a broken proxy once read as "no error" and its body was delivered as changes.
+    with pytest.raises(ProtocolError, match="outside 100-599"):
+        three_ways(b"HTTP/1.1 " + code + b" Odd\r\nContent-Length: 2\r\n\r\n{}")
+
+
 @pytest.mark.parametrize(
     "header, message",
     [
