@@ -57,6 +57,11 @@ def changes_request(
     """
     if feed not in _FEEDS:
         raise ValueError("feed must be one of %s, not %r" % (", ".join(_FEEDS), feed))
+    if "feed" in params:
+        # The call says which feed (fetch: normal, wait_once: longpoll, start and wait:
+        # continuous): a feed parameter as well would make a continuous consumer read a normal
+        # answer, whose one line holds a last_seq, as "the feed ended there".
+        raise ValueError("feed is set by the call (fetch, wait_once, start), not as a parameter")
     query: Dict[str, Any] = {"feed": feed}
     if since is not None:
         query["since"] = since

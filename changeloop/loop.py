@@ -195,7 +195,8 @@ class Loop:
         # The fds registered, modified or removed during the current dispatch batch: only for
         # these can a selected key be stale (see _pass).
         self._touched: Set[int] = set()
-        self._state_lock = threading.Lock()
+        # Reentrant: call_threadsafe() holds it around a call that may reach close() or a run.
+        self._state_lock = threading.RLock()
         self._running = False
         self._stopping = False
         self._owner: Optional[int] = None  # the thread id inside a run method, while it runs
@@ -336,6 +337,31 @@ class Loop:
         self._ready.append(handle)  # before waking, so the woken pass sees it
         self._wake()
         return handle
+
+    def call_threadsafe(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` as the loop's own thread would. Any tier; thread-safe.
+
+        In the loop's thread, or while no run method is in progress (or the loop is closed), it
+        runs at once, holding the loop so that no run can start in another thread meanwhile;
+        while the loop runs in another thread, it is queued (:meth:`call_soon_threadsafe`) and
+        runs in the next pass. Either way it never runs beside a pass: objects whose state only
+        the loop's thread may change (a consumer) use it for every request from outside.
+        Exceptions of an immediate call reach the caller.
+        """
+        if self._owner == threading.get_ident():
+            fn(*args)
+            return
+        with self._state_lock:
+            if self._running and not self._closed:
+                # The run in progress will see it: its thread is the only one popping _ready,
+                # and a run ending now leaves it for the next one, as call_soon_threadsafe does.
+                self.call_soon_threadsafe(fn, *args)
+                return
+            self._owner = threading.get_ident()  # in_loop_thread() is true inside fn
+            try:
+                fn(*args)
+            finally:
+                self._owner = None
 
     # -- run tiers ---------------------------------------------------------------------------
 

@@ -111,7 +111,11 @@ def test_since_now_applies_only_when_the_store_is_empty(db: Database) -> None:
     write(db, 2, 0)
     consumer = Consumer(db, checkpoint=store)
     seen: List[str] = []
-    consumer.start(lambda change: seen.append(change["id"]), since="now", heartbeat=200)
+
+    def callback(change: Dict[str, Any]) -> None:
+        seen.append(change["id"])
+
+    consumer.start(callback, since="now", heartbeat=200)
     deadline = time.monotonic() + 10
     while consumer.state != "streaming" and time.monotonic() < deadline:
         consumer.loop.run_once(0.05)
@@ -119,7 +123,8 @@ def test_since_now_applies_only_when_the_store_is_empty(db: Database) -> None:
     saved = store.load()
     assert seen == [] and saved not in (None, "now")  # "now" was resolved to a real seq
     write(db, 1, 2)
-    consumer.start(since="now", heartbeat=200)  # the store has a seq: "now" does not apply
+    # The store has a seq: "now" does not apply.
+    consumer.start(callback, since="now", heartbeat=200)
     while not seen and time.monotonic() < deadline:
         consumer.loop.run_once(0.05)
     consumer.close()

@@ -44,7 +44,7 @@ from scripted import (
 )
 
 from changeloop import Consumer, FeedEvent, Loop, ProtocolError, Server
-from changeloop import consumer as consumer_module
+from changeloop import _follow as follow_module
 from changeloop._stream import FeedStream
 from changeloop._transport import NonBlockingConnection, Want
 from changeloop.checkpoint import MemoryCheckpoint
@@ -263,15 +263,17 @@ def test_a_last_seq_end_moves_the_resume_point_past_filtered_out_changes() -> No
     assert len(caught_up) == 1 and caught_up[0].pending == 0 and caught_up[0].seq == seq(9)
 
 
-def test_with_limit_a_last_seq_end_stops_the_consumer() -> None:
-    # limit=5 but only 2 rows: CouchDB ends with last_seq and pending; the consumer stops.
+def test_limit_counts_across_a_clean_end_and_resumes_with_what_is_left() -> None:
+    # limit=5 but the feed ends cleanly after 2 rows (the server's timeout, not its limit): the
+    # client counts the limit itself, resumes after seq 2 asking for the 3 left, and stops at 5.
     ended = feed(chunk(rows(1, 2) + end_line(seq(2), pending=0)) + HEARTBEAT + LAST_CHUNK)
-    with rig([ended]) as r:
+    with rig([ended, feed(chunk(rows(3, 4, 5, 6)) + HEARTBEAT)]) as r:
         r.consumer.wait(r.changes.append, since=0, limit=5)
-    assert r.ids == [doc_id(1), doc_id(2)] and r.consumer.last_seq == seq(2)
-    assert r.kinds() == ["connect", "caught_up", "disconnect"]
+    assert r.ids == [doc_id(n) for n in (1, 2, 3, 4, 5)] and r.consumer.last_seq == seq(5)
     assert r.consumer.state == "stopped" and r.consumer.error is None
-    assert r.srv.connections == 1 and query(r.srv.requests[0])["limit"] == "5"
+    first, second = r.srv.requests
+    assert query(first)["limit"] == "5" and query(second)["limit"] == "3"
+    assert query(second)["since"] == seq(2)
 
 
 def test_limit_stops_at_the_last_row_without_waiting_for_the_end() -> None:
@@ -527,7 +529,7 @@ def test_a_consumer_waiting_for_its_turn_connects_once_after_a_stop_and_start(
 ) -> None:
     # The loop's connect gate lets MAX_CONNECTING_PER_LOOP consumers connect at a time; the
     # others wait in turn, each once however often it is stopped and started meanwhile.
-    monkeypatch.setattr(consumer_module, "MAX_CONNECTING_PER_LOOP", 1)
+    monkeypatch.setattr(follow_module, "MAX_CONNECTING_PER_LOOP", 1)
     slow = [Read(), Pause(0.3), Send(COUCH_HEAD + chunk(row(1)) + HEARTBEAT), Stall()]
     with ScriptedServer([slow, feed(chunk(row(2)) + HEARTBEAT)]) as srv, Server(srv.url) as server:
         with Loop() as loop:
@@ -536,11 +538,11 @@ def test_a_consumer_waiting_for_its_turn_connects_once_after_a_stop_and_start(
             first.start(lambda change: None, since=0)
             second.start(lambda change: None, since=0)
             run_until(loop, lambda: len(srv.requests) == 1)
-            assert second._in_waiting and second.state == "connecting"
+            assert second.phase == "waiting" and second.state == "connecting"
             second.stop()
             second.start(lambda change: None, since=0)  # still waiting, once
             run_until(loop, lambda: first._caught_up and second._caught_up)
-            assert not second._in_waiting
+            assert second.phase == "streaming"
             assert len(srv.requests) == 2  # one connection each: none doubled
             assert (first.connections, second.connections) == (1, 1)
             first.stop()

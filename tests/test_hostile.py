@@ -308,7 +308,7 @@ def test_watchdog_declares_a_silent_connection_dead_and_resumes() -> None:
         clock.advance(event.retry_in)
         r.run_until(lambda: len(r.srv.requests) == 2)
     assert isinstance(event.error, ReadTimeout) and isinstance(event.error, TimeoutError)
-    assert str(event.error) == "no data for 3.1 s: the connection is presumed dead"
+    assert str(event.error) == "no data for 3.1 s while streaming: the connection is presumed dead"
     assert event.will_retry and 0 <= event.retry_in <= RECONNECT_BASE_S
     assert since_of(r.srv.requests[1]) == seq(1)
 
@@ -325,7 +325,7 @@ def test_watchdog_allows_first_byte_timeout_before_the_first_body_byte() -> None
         r.run_until(lambda: r.errors())
         (event,) = r.errors()
     assert isinstance(event.error, ReadTimeout) and event.will_retry
-    assert str(event.error) == "no data for 20.1 s: the connection is presumed dead"
+    assert str(event.error) == "no data for 20.1 s while streaming: the connection is presumed dead"
 
 
 def test_watchdog_allows_first_byte_timeout_for_a_server_that_sends_no_head() -> None:
@@ -343,7 +343,9 @@ def test_watchdog_allows_first_byte_timeout_for_a_server_that_sends_no_head() ->
         r.run_until(lambda: r.errors())
         (event,) = r.errors()
     assert isinstance(event.error, ReadTimeout)
-    assert str(event.error) == "no data for 20.1 s: the connection is presumed dead"
+    assert str(event.error) == (
+        "no data for 20.1 s while waiting for the response: the connection is presumed dead"
+    )
 
 
 def test_watchdog_tightens_to_heartbeats_once_the_body_starts() -> None:
@@ -355,7 +357,7 @@ def test_watchdog_tightens_to_heartbeats_once_the_body_starts() -> None:
         clock.advance(3.1)
         r.run_until(lambda: r.errors())
         (event,) = r.errors()
-    assert str(event.error) == "no data for 3.1 s: the connection is presumed dead"
+    assert str(event.error) == "no data for 3.1 s while streaming: the connection is presumed dead"
 
 
 @pytest.mark.parametrize(
@@ -387,7 +389,9 @@ def test_without_heartbeats_the_watchdog_waits_for_the_servers_own_timeout() -> 
         clock.advance(0.2)
         r.run_until(lambda: r.errors())
         (event,) = r.errors()
-    assert str(event.error) == "no data for 210.1 s: the connection is presumed dead"
+    assert str(event.error) == (
+        "no data for 210.1 s while streaming: the connection is presumed dead"
+    )
 
 
 def test_a_feed_that_ends_at_once_with_nothing_new_backs_off_instead_of_spinning() -> None:
@@ -479,7 +483,7 @@ def test_a_failing_callback_stops_without_recording_that_change() -> None:
         assert r.consumer.state == "stopped" and r.srv.connections == 1
         assert r.ids == [doc_id(1)]
         broken[0] = False  # the bug is fixed; the process restarts
-        r.consumer.wait(since=0)  # since=0 is ignored: the checkpoint has a seq
+        r.consumer.wait(callback, since=0)  # since=0 is ignored: the checkpoint has a seq
         second = r.srv.requests[1]
     assert str(info.value) == "a callback raised on change 'doc-002': ValueError('boom')"
     assert isinstance(info.value.__cause__, ValueError)

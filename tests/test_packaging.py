@@ -50,10 +50,13 @@ LAYERS: Dict[str, int] = {
     "client": 5,
     "_wheel": 5,  # deadlines for many objects on one loop timer (the consumers' watchdogs)
     "checkpoint": 6,
-    "consumer": 7,
-    "watcher": 8,
-    "__main__": 9,
-    "__init__": 10,  # the public names; may import anything
+    "_delivery": 6,  # rows to callbacks: the one place user code runs
+    "_follow": 7,  # a continuous feed's state machine, the loop's handler; delivers via _delivery
+    "_iterate": 7,  # Consumer.changes(): handed its consumer, it needs not import it
+    "consumer": 8,
+    "watcher": 9,
+    "__main__": 10,
+    "__init__": 11,  # the public names; may import anything
 }
 
 # (importer, imported) pairs of one layer that may depend on each other. Keep it empty unless

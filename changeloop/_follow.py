@@ -1,0 +1,631 @@
+"""One continuous feed as an explicit state machine: its states, their deadlines, one failure route.
+
+Theory of operation
+-------------------
+A consumer following a continuous feed is always in exactly one of these states::
+
+                start                turn                connected           sent
+    idle/stopped ───▶ waiting ─────────────▶ connecting ─────────▶ sending ───────▶ awaiting
+                        ▲                        ▲                                   │    │
+                        │ retry                  │ resolved (since=now answered)     │    │
+                        │                        └───────────────────────────────────┘    │
+                     backoff ◀──── fail (retryable), end (the server ended the feed) ─┐    │ head
+                        │                                                             │    ▼
+                        └── stop, or fail (fatal), from any state ──▶ stopped     streaming
+
+``waiting`` waits for a turn at the loop's connect gate (at most
+:data:`MAX_CONNECTING_PER_LOOP` consumers of a loop connect at once). ``connecting`` covers name
+resolution, TCP and TLS; ``sending`` writes the request; ``awaiting`` waits for the status line
+and headers (for the ``since=now`` question, for its whole answer); ``streaming`` reads the feed.
+Every way out of a connection is ``fail`` or ``end``, both of which go through ``backoff`` (with
+no delay for a feed that ran its course), so reconnecting is one path, not several.
+
+Each state owns one deadline, armed when the state is entered and disarmed when it is left:
+
+=============  ==============================================================================
+state          deadline
+=============  ==============================================================================
+idle, stopped  none
+waiting        none: its turn comes when another consumer of the loop leaves the gate
+connecting     ``min(connect_timeout, allowance)`` of silence
+sending        the silence allowance (a server that stops reading)
+awaiting       the silence allowance (a ``first_byte_timeout``, if one is given, until the
+               first line of the body)
+streaming      the silence allowance: ``watchdog_heartbeats`` heartbeats, or without
+               heartbeats the server's own ``timeout`` plus that margin
+backoff        the backoff delay; then ``retry``
+=============  ==============================================================================
+
+The connection phases' deadlines are silence deadlines, kept on the loop's timing wheel
+(:mod:`changeloop._wheel`): every read or write notes the time, and the wheel's check fires at most
+once per allowance, whatever the traffic. The backoff is a plain loop timer.
+
+Every entry from the loop is guarded: the handler (``handle_read``), the re-read of bytes that
+TLS holds, the watchdog, the backoff timer and the connect gate's turn all catch what they raise
+and hand it to :meth:`_Follow._fail`, the one failure route, which reconnects after a backoff or
+stops for good. Nothing is only logged. Requests from other threads (``start``, ``stop``) reach
+the state only through :meth:`~changeloop.loop.Loop.call_threadsafe`. A transition missing from
+:data:`TRANSITIONS` is a bug: it raises, and so stops the consumer through the same route.
+"""
+
+import collections
+import logging
+import random
+import weakref
+from typing import Any, Callable, Deque, Dict, FrozenSet, List, Optional, Set, Tuple
+
+from ._delivery import Change, _Delivery
+from ._stream import FeedStream
+from ._transport import Want
+from ._wheel import DeadlineWheel
+from .errors import (
+    CallbackError,
+    ChangeloopError,
+    FeedError,
+    HTTPError,
+    LineTooLongError,
+    ReadTimeout,
+    TLSError,
+)
+from .loop import Loop, TimerHandle
+
+__all__ = ["TRANSITIONS", "STATES", "MAX_CONNECTING_PER_LOOP", "is_fatal"]
+
+logger = logging.getLogger("changeloop.consumer")
+
+IDLE, WAITING, CONNECTING, SENDING, AWAITING, STREAMING, BACKOFF, STOPPED = STATES = (
+    "idle",
+    "waiting",
+    "connecting",
+    "sending",
+    "awaiting",
+    "streaming",
+    "backoff",
+    "stopped",
+)
+#: The states of an open connection, each with a silence deadline on the watchdog wheel.
+_CONNECTED: FrozenSet[str] = frozenset([CONNECTING, SENDING, AWAITING, STREAMING])
+#: The states that hold a turn at the loop's connect gate.
+_GATED: FrozenSet[str] = frozenset([CONNECTING, SENDING, AWAITING])
+#: Where ``stop`` and a fatal ``fail`` lead from: every state but the two at rest.
+_ACTIVE = (WAITING, CONNECTING, SENDING, AWAITING, STREAMING, BACKOFF)
+
+#: (state, event) -> the next state. Nothing else may happen.
+TRANSITIONS: Dict[Tuple[str, str], str] = {
+    (IDLE, "start"): WAITING,
+    (STOPPED, "start"): WAITING,
+    (WAITING, "turn"): CONNECTING,
+    (CONNECTING, "connected"): SENDING,
+    (SENDING, "sent"): AWAITING,
+    (AWAITING, "head"): STREAMING,
+    (AWAITING, "resolved"): CONNECTING,  # since=now answered: follow from there, same turn
+    (STREAMING, "end"): BACKOFF,  # the server ended the feed: follow on
+    (BACKOFF, "retry"): WAITING,
+}
+for _state in _ACTIVE:
+    TRANSITIONS[(_state, "stop")] = STOPPED
+    if _state != BACKOFF:
+        TRANSITIONS[(_state, "fail")] = BACKOFF
+
+#: Backoff before reconnecting: a random delay in [0, min(cap, base * 2**attempt)] seconds.
+RECONNECT_BASE_S = 0.1
+RECONNECT_CAP_S = 60.0
+#: A connection that stayed up this long, or delivered a change, resets the backoff to its base.
+HEALTHY_AFTER_S = 30.0
+#: Silence, in heartbeats, after which a connection is declared dead: one lost heartbeat is
+#: normal jitter, three in a row is a dead peer or a half-open connection.
+WATCHDOG_HEARTBEATS = 3.0
+#: The longest a connection may take to connect (TCP and TLS), if the heartbeat allowance is
+#: longer still.
+CONNECT_TIMEOUT_S = 30.0
+#: A feed that the server ends cleanly (with ``last_seq``) sooner than this after it opened, and
+#: with no change, is followed again only after a backoff, as after a failure: reconnecting at
+#: once would spin against ``timeout=0`` or a proxy that cuts every response short.
+QUICK_END_S = 1.0
+#: How late a watchdog may notice a dead connection: its deadlines are rounded up to this.
+WATCHDOG_RESOLUTION = 0.1
+#: How many consumers of one loop may be connecting at once (TCP, TLS, the request, the response
+#: head, and the since=now question); the others wait their turn, in order. Starting 10,000
+#: feeds would otherwise open 10,000 connections in one pass: the server's listen backlog
+#: overflows (dropped SYNs are retried a second later), CouchDB gets a thundering herd, and the
+#: short-lived objects of 10,000 simultaneous connections fragment the heap for good (about 2 KB
+#: of resident memory per feed, measured by benchmarks/bench_scale.py).
+MAX_CONNECTING_PER_LOOP = 100
+
+#: Statuses that say "try again later": 408, 425, 429 and the 5xx family but for 501 and 505,
+#: which say the request will never work. Every other status (a 3xx: CouchDB never redirects
+#: ``_changes``; a 4xx: the request is wrong or not allowed) stops the consumer.
+RETRY_STATUSES: FrozenSet[int] = frozenset(
+    [408, 425, 429] + [s for s in range(500, 600) if s not in (501, 505)]
+)
+#: The backoff jitter's random source when none is given: one for all consumers, since a
+#: ``random.Random`` holds a 2.5 KB Mersenne Twister state, more than the rest of an idle feed.
+_SHARED_RNG = random.Random()
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether a feed stops for good on ``exc`` rather than reconnecting after a backoff."""
+    if isinstance(exc, HTTPError):
+        return exc.status not in RETRY_STATUSES
+    if isinstance(exc, (TLSError, LineTooLongError, CallbackError)):
+        return True
+    return not isinstance(exc, ChangeloopError)  # a bug of ours, not the network's: don't spin
+
+
+class _ConnectGate:
+    """The consumers of one loop holding a turn to connect, and those waiting for one, in order."""
+
+    __slots__ = ("connecting", "waiting", "__weakref__")
+
+    def __init__(self) -> None:
+        self.connecting: Set[_Follow] = set()
+        self.waiting: Deque[_Follow] = collections.deque()
+
+
+#: One gate per loop, kept as long as the loop lives.
+_GATES: "weakref.WeakKeyDictionary[Loop, _ConnectGate]" = weakref.WeakKeyDictionary()
+
+_Watchdogs = DeadlineWheel["_Follow"]
+#: The watchdogs of each loop's consumers on one timing wheel (see _wheel): re-arming one is
+#: O(1), where a heap timer per consumer cost O(log n) comparisons on cold memory. Only the loop's
+#: pending timer keeps a wheel alive; this registry and the consumers refer to it weakly. The
+#: wheel holds the consumers themselves, as the loop's selector does while they stream, so a loop
+#: closed (its timers dropped) or dropped lets go of its wheel, and the wheel of its consumers.
+_WATCHDOGS: "weakref.WeakKeyDictionary[Loop, weakref.ReferenceType[_Watchdogs]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _no_wheel() -> Optional[_Watchdogs]:
+    """A consumer's wheel reference before it armed a watchdog: like a dead weak reference."""
+    return None
+
+
+def _watchdogs_of(loop: Loop) -> _Watchdogs:
+    ref = _WATCHDOGS.get(loop)
+    wheel = None if ref is None else ref()
+    if wheel is None:
+        # Called unbound, one call less per firing: no subclass overrides _watchdog.
+        wheel = DeadlineWheel(loop, _Follow._watchdog, WATCHDOG_RESOLUTION)
+        _WATCHDOGS[loop] = weakref.ref(wheel)
+    return wheel
+
+
+def _gate_of(loop: Loop) -> _ConnectGate:
+    gate = _GATES.get(loop)
+    if gate is None:
+        gate = _GATES[loop] = _ConnectGate()
+    return gate
+
+
+class _Follow(_Delivery):
+    """The state machine of a continuous feed, and the loop's handler for its socket.
+
+    A base class of :class:`~changeloop.consumer.Consumer` (one object per feed); the consumer
+    provides the configuration and opens the stream (:meth:`_open_stream`).
+    """
+
+    __slots__ = (
+        "_attempt",
+        "_blocking",
+        "_caught_up",
+        "_connected_at",
+        "_fd",
+        "_last_activity",
+        "_silence",
+        "_state",
+        "_stream",
+        "_timer",
+        "_watchdogs",
+        "connections",
+        "error",
+    )
+
+    # Provided by the consumer (declared here for the type checker only).
+    connect_timeout: float
+    first_byte_timeout: Optional[float]
+    healthy_after: float
+    reconnect_base: float
+    reconnect_cap: float
+    _rng: random.Random
+    loop: Loop
+
+    def _init_follow(self) -> None:
+        self._init_delivery()
+        self._state = IDLE
+        self._stream: Optional[FeedStream] = None
+        self._fd = -1
+        self._silence = 0.0  # the watchdog's allowance, set by start()
+        self._timer: Optional[TimerHandle] = None  # the backoff's, the one timer of a state
+        #: The loop's watchdog wheel, once this consumer armed its watchdog: a weak reference
+        #: (only the loop's timer may keep a wheel alive, see _WATCHDOGS); _no_wheel before.
+        self._watchdogs: Callable[[], Optional[_Watchdogs]] = _no_wheel
+        self._last_activity = 0.0  # the last byte read or written, or the phase's start
+        self._connected_at: Optional[float] = None  # when the feed's 200 head arrived
+        self._attempt = 0  # failed attempts since the last healthy connection
+        self._caught_up = False  # on_caught_up reported in this run
+        self._blocking = False  # wait() runs the loop until this consumer stops
+        #: Connections made since ``start`` (1 + reconnections).
+        self.connections = 0
+        #: The exception that stopped the consumer, if one did.
+        self.error: Optional[BaseException] = None
+
+    # -- transitions ---------------------------------------------------------------------------
+
+    def _move(self, event: str) -> str:
+        """Take ``event`` from the current state: disarm the old state's deadline, arm the new.
+
+        Raises:
+            RuntimeError: ``event`` has no transition from the current state (a bug).
+        """
+        old = self._state
+        new = TRANSITIONS.get((old, event))
+        if new is None:
+            raise RuntimeError("no transition for %r in state %r" % (event, old))
+        self._state = new
+        if old == BACKOFF and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if old == WAITING and new != CONNECTING:
+            self._leave_gate()  # the turn it was given, if it was given one already
+            try:
+                _gate_of(self.loop).waiting.remove(self)  # rare (a stop), and O(waiting)
+            except ValueError:
+                pass
+        elif old in _GATED and new not in _GATED:
+            self._leave_gate()
+        if new in _CONNECTED:
+            self._last_activity = self.loop.time()  # silence counts from the phase's start
+            self._arm_watchdog(new)
+        elif old in _CONNECTED:
+            watchdogs = self._watchdogs()
+            if watchdogs is not None:
+                watchdogs.discard(self)
+        return new
+
+    def _allowance(self, state: str) -> float:
+        """The silence a connection may keep in ``state`` (see the table above)."""
+        if state == CONNECTING:
+            return min(self.connect_timeout, self._silence)
+        first_byte = self.first_byte_timeout
+        if first_byte is not None and (state == AWAITING or state == STREAMING):
+            stream = self._stream  # given a first-byte allowance, it lasts until the first line
+            decoder = None if stream is None else stream.decoder
+            if decoder is None or not (decoder.rows or decoder.heartbeats):
+                return max(self._silence, first_byte)
+        return self._silence
+
+    def _arm_watchdog(self, state: str) -> None:
+        wheel = self._watchdogs()
+        if wheel is None:  # the first time, or the loop's wheel emptied and went
+            wheel = _watchdogs_of(self.loop)
+            self._watchdogs = weakref.ref(wheel)  # the registry's own reference: no new object
+        wheel.set(self, self._last_activity + self._allowance(state))
+
+    # -- the guarded doors: every entry from the loop ------------------------------------------
+
+    def handle_read(self) -> None:
+        """The loop's handler protocol: the socket is ready. Not for application use."""
+        stream = self._stream
+        if stream is None:
+            return
+        try:
+            rows = stream.on_ready()
+            self._last_activity = self.loop.time()
+            if rows is None:  # a lone heartbeat: what an idle feed's every read brings
+                if self._caught_up:
+                    return  # nothing to act on: the watchdog already allows for heartbeats
+                rows = []
+            self._on_read(stream, rows)
+        except Exception as exc:
+            self._fail(exc)
+
+    def handle_write(self) -> None:
+        """The loop's handler protocol: the socket is writable. Not for application use."""
+        self.handle_read()
+
+    def handle_error(self, exc: BaseException) -> None:
+        """The loop's handler protocol: the handler raised. Not for application use."""
+        self._fail(exc)
+
+    def _watchdog(self) -> None:
+        """The wheel's check, at most once per allowance: O(1) per feed, whatever the traffic.
+
+        On a loop of idle feeds this runs for every feed once in two or three heartbeats, so
+        the usual case (streaming: the heartbeat allowance) reads no more than it needs.
+        """
+        try:
+            state = self._state
+            if state not in _CONNECTED:
+                return
+            allowance = (
+                self._silence
+                if state == STREAMING and self.first_byte_timeout is None
+                else self._allowance(state)
+            )
+            last = self._last_activity
+            idle = self.loop.time() - last
+            if idle < allowance:
+                wheel = self._watchdogs()
+                if wheel is not None:
+                    wheel.set(self, last + allowance)
+                return
+            stream = self._stream
+            if state == CONNECTING and stream is not None:
+                self._fail(stream.connect_timeout_error())
+            else:
+                self._fail(
+                    ReadTimeout(
+                        "no data for %.1f s while %s: the connection is presumed dead"
+                        % (idle, _PHASE_WORDS[state])
+                    )
+                )
+        except Exception as exc:
+            self._fail(exc)
+
+    def _retry(self) -> None:
+        """The backoff's timer: ask for a turn to connect again."""
+        try:
+            if self._state == BACKOFF:
+                self._timer = None
+                self._move("retry")
+                self._want_turn()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _take_turn(self) -> None:
+        """The connect gate's call: this consumer holds a turn, so open a connection."""
+        try:
+            if self._state != WAITING or self not in _gate_of(self.loop).connecting:
+                return  # a stale turn: stopped since (and maybe started anew, queued again)
+            self._move("turn")
+            self._open_connection()
+        except Exception as exc:
+            self._fail(exc)
+
+    # -- the connect gate ----------------------------------------------------------------------
+
+    def _want_turn(self) -> None:
+        """In ``waiting``: take a turn at once if the gate has room, else queue for one."""
+        gate = _gate_of(self.loop)
+        if len(gate.connecting) < MAX_CONNECTING_PER_LOOP:
+            gate.connecting.add(self)
+            self.loop.call_soon(self._take_turn)
+        else:
+            gate.waiting.append(self)
+
+    def _leave_gate(self) -> None:
+        """Give back this consumer's turn, if it holds one: the next waiting one takes it."""
+        loop = self._loop
+        gate = None if loop is None else _GATES.get(loop)
+        if gate is None or self not in gate.connecting:
+            return
+        gate.connecting.discard(self)
+        while gate.waiting and len(gate.connecting) < MAX_CONNECTING_PER_LOOP:
+            successor = gate.waiting.popleft()
+            if successor._state == WAITING and successor not in gate.connecting:
+                gate.connecting.add(successor)
+                self.loop.call_soon(successor._take_turn)
+
+    # -- a connection's life -------------------------------------------------------------------
+
+    def _open_connection(self) -> None:
+        """In ``connecting``: start a stream (the since=now question first, if it is asked)."""
+        resolving = self._since == "now"  # ask where "now" is first; follow from there next
+        self._connected_at = None
+        # Any step may fail, the session login of Server(session=True) (a blocking request)
+        # included: the caller's guard sends it to the failure route.
+        stream = self._stream = self._open_stream(resolving)
+        if not resolving:
+            self.connections += 1
+        stream.start()
+        self._register(stream)
+        self._follow_phase(stream)
+        logger.debug("%s: connecting (since=%r)", self.db.name, self._since)
+
+    def _open_stream(self, resolving: bool) -> FeedStream:
+        raise NotImplementedError  # the consumer builds the request
+
+    def _register(self, stream: FeedStream) -> None:
+        want = stream.want()
+        fd = stream.fileno()
+        loop = self.loop
+        if fd != self._fd:
+            if self._fd >= 0:
+                loop.remove_handler(self._fd)
+            self._fd = fd
+            loop.add_handler(fd, self, read=want is Want.READ, write=want is Want.WRITE)
+        else:
+            loop.set_interest(fd, read=want is Want.READ, write=want is Want.WRITE)
+
+    def _follow_phase(self, stream: FeedStream) -> None:
+        """Move through the connection's phases as far as the stream has come."""
+        phase = stream.state
+        if self._state == CONNECTING and phase != "connecting":
+            self._move("connected")
+        if self._state == SENDING and phase != "sending":
+            self._move("sent")
+        if self._state == AWAITING and stream.streaming and not stream.one_shot:
+            self._move("head")
+            self._on_connected()
+
+    def _on_read(self, stream: FeedStream, rows: List[Change]) -> None:
+        """What a read brought, in order: phases, rows, the resume point, the end or an error."""
+        if self._state != STREAMING:
+            connecting = True
+            self._follow_phase(stream)
+            if stream is not self._stream:
+                return  # a callback (on_connect) stopped the consumer
+            if stream.document is not None:
+                self._on_resolved(stream.document)
+                return
+        else:
+            connecting = False
+        if rows:
+            if self._deliver(rows):
+                self._finish(None)
+                return
+            if stream is not self._stream:
+                return  # a callback stopped (or restarted) the consumer
+        if self.first_byte_timeout is not None and self._state == STREAMING:
+            self._arm_watchdog(STREAMING)  # the first line may end the first-byte allowance
+        decoder = stream.decoder
+        last = stream.last_seq
+        if last is not None and last.seq is not None:
+            self._since = last.seq  # every row before it is delivered: resume from here
+        if not self._caught_up and (decoder.heartbeats or (last is not None and last.pending == 0)):
+            self._caught_up = True
+            pending = None if last is None else last.pending
+            self._report(self.on_caught_up, self._event("caught_up", pending=pending))
+            if stream is not self._stream:
+                return
+        if stream.error is not None:
+            self._fail(stream.error)  # after what the same read brought before it
+            return
+        if stream.ended:
+            self._on_end(stream)
+            return
+        if connecting:  # only then can the fd (next address) or the interest change
+            self._register(stream)
+        if stream.has_buffered_bytes():
+            self.loop.call_soon(self.handle_read)  # TLS holds bytes that select() will not report
+
+    def _on_resolved(self, document: Dict[str, Any]) -> None:
+        """``since="now"`` has an answer: follow the continuous feed from that seq."""
+        seq = document.get("last_seq")
+        if seq is None:
+            self._fail(FeedError("the answer to since=now has no last_seq"))
+            return
+        self._close_stream()
+        self._since = seq
+        self._move("resolved")
+        self._open_connection()
+
+    def _on_connected(self) -> None:
+        self._connected_at = self.loop.time()
+        self._connected()
+        logger.info("%s: following changes since %r", self.db.name, self._since)
+        self._report(self.on_connect, self._event("connect"))
+
+    def _connected(self) -> None:
+        """A feed's 200 head arrived (the consumer renews its session flag here)."""
+
+    def _on_end(self, stream: FeedStream) -> None:
+        """The server ended the feed: with ``last_seq``, follow on; without, it is a cut."""
+        last = stream.last_seq
+        if last is None:  # a proxy's cut, or a server that is not CouchDB: resume after a backoff
+            self._fail(FeedError("the server ended the feed without a last_seq line"))
+            return
+        now = self.loop.time()
+        lasted = now - (self._connected_at or now)
+        quick = stream.decoder.rows == 0 and lasted < QUICK_END_S
+        self._close_stream()
+        if quick:
+            # Ended at once with nothing new (timeout=0, a proxy that cuts every response short):
+            # reconnecting at once would spin, so these ends back off as failures do.
+            delay = self._backoff()
+            logger.info(
+                "%s: the server ended the feed after %.2f s with nothing new; reconnecting in "
+                "%.2f s",
+                self.db.name,
+                lasted,
+                delay,
+            )
+        else:
+            self._attempt = 0  # a feed that ran its course: follow on at once
+            delay = 0.0
+            logger.debug("%s: the server ended the feed at %r; resuming", self.db.name, last.seq)
+        self._move("end")
+        self._timer = self.loop.call_later(delay, self._retry)
+        self._report(self.on_disconnect, self._event("disconnect"))
+
+    # -- the one failure route -----------------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> None:
+        """Close the connection; reconnect after a backoff, or stop if ``exc`` is fatal."""
+        state = self._state
+        if state == IDLE or state == STOPPED:
+            logger.debug("%s: %r after the consumer stopped; ignored", self.db.name, exc)
+            return
+        if is_fatal(exc) and not self._renews_session(exc):
+            logger.error("%s: %s; stopping", self.db.name, exc)
+            self._finish(exc)
+            return
+        was_streaming = state == STREAMING
+        stream = self._stream
+        connected_at = self._connected_at
+        if connected_at is not None and (
+            (stream is not None and stream.decoder.rows)  # it delivered: the path works
+            or self.loop.time() - connected_at >= self.healthy_after
+        ):
+            self._attempt = 0
+        self._close_stream()
+        delay = self._backoff()
+        logger.warning("%s: %s; reconnecting in %.2f s", self.db.name, exc, delay)
+        if state == BACKOFF:  # a failure on the way out of the backoff (opening the stream)
+            self._timer = self.loop.call_later(delay, self._retry)
+        else:
+            self._move("fail")
+            self._timer = self.loop.call_later(delay, self._retry)
+        if was_streaming:
+            self._report(self.on_disconnect, self._event("disconnect", error=exc))
+        self._report(
+            self.on_error, self._event("error", error=exc, will_retry=True, retry_in=delay)
+        )
+
+    def _renews_session(self, exc: BaseException) -> bool:
+        return False  # the consumer knows about sessions
+
+    def _backoff(self) -> float:
+        ceiling = min(self.reconnect_cap, self.reconnect_base * (2 ** min(self._attempt, 32)))
+        self._attempt += 1
+        return self._rng.uniform(0, ceiling)
+
+    def _close_stream(self) -> None:
+        if self._fd >= 0:
+            self.loop.remove_handler(self._fd)
+            self._fd = -1
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def _request_stop(self) -> None:
+        """On the loop's thread: stop now, or once the change being delivered is done."""
+        if self._state == IDLE or self._state == STOPPED:
+            return
+        if self._delivering:
+            self._stop_requested = True
+            return
+        self._finish(None)
+
+    def _finish(self, error: Optional[BaseException]) -> None:
+        """Stop for good: close, save the checkpoint, tell a blocking ``wait`` to return."""
+        state = self._state
+        if state == IDLE or state == STOPPED:
+            return
+        was_streaming = state == STREAMING
+        self._close_stream()
+        self._move("stop")
+        self.error = error
+        if self.checkpoint is not None:
+            try:
+                self._save_checkpoint()
+            except Exception as exc:
+                logger.error("%s: %s", self.db.name, exc)
+                if self.error is None:
+                    self.error = exc  # wait() raises it: a lost checkpoint is not a clean stop
+        if was_streaming:
+            self._report(self.on_disconnect, self._event("disconnect", error=error))
+        if self.error is not None:
+            self._report(self.on_error, self._event("error", error=self.error))
+        logger.info("%s: stopped after %d changes", self.db.name, self.delivered)
+        if self._blocking:
+            self.loop.stop()
+
+
+_PHASE_WORDS = {
+    CONNECTING: "connecting",
+    SENDING: "sending the request",
+    AWAITING: "waiting for the response",
+    STREAMING: "streaming",
+}
