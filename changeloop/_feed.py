@@ -286,6 +286,12 @@ class LineDecoder:
             )
         if self.last_seq is not None:
             raise FeedError("a second last_seq line arrived: %s" % _excerpt(row))
+        if "results" in row:
+            # A whole normal or longpoll answer on one line (a proxy's or a server's doing) is
+            # not "the feed ended at last_seq": taken so, it would skip every change it holds.
+            raise FeedError(
+                "the server answered a continuous feed with a normal one: %s" % _excerpt(row)
+            )
         pending = row.get("pending")
         self.last_seq = LastSeq(row["last_seq"], pending if isinstance(pending, int) else None)
 

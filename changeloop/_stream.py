@@ -20,6 +20,7 @@ from .errors import (
     HTTPError,
     LineTooLongError,
     ReadError,
+    http_error_for,
     http_error_from_body,
 )
 
@@ -75,6 +76,7 @@ class FeedStream:
         "_body_bytes",
         "_error_status",
         "_feeding",
+        "_location",
         "_method",
         "_min_rows",
         "_parser",
@@ -131,6 +133,7 @@ class FeedStream:
         # the response ends: one list for either, as a feed that streams needs neither.
         self._body: List[bytes] = []
         self._body_bytes = 0
+        self._location = b""  # a redirect's Location, for the error that names it
         #: With ``document=True``: the decoded answer, once the response ended.
         self.document: Optional[Dict[str, Any]] = None
 
@@ -303,6 +306,10 @@ class FeedStream:
                 self.status_code = event.status_code
                 if event.status_code != 200:
                     self._error_status = event.status_code
+                    if 300 <= event.status_code < 400:  # kept for the error's message
+                        self._location = next(
+                            (v for k, v in event.headers if k == b"location"), b""
+                        )
                 self._feeding = not self._error_status and not self.one_shot
             elif isinstance(event, EndOfMessage):
                 self.state = _ENDED
@@ -331,5 +338,23 @@ class FeedStream:
         return body
 
     def _http_error(self) -> HTTPError:
-        body = self._take_body()
-        return http_error_from_body(self._error_status, body, method=self._method, url=self.url)
+        status = self._error_status
+        if 300 <= status < 400:
+            location = self._location.decode("latin-1")
+            return http_error_for(
+                status,
+                "redirect",
+                "redirected to %r: CouchDB never redirects _changes, so the server URL is "
+                "probably wrong (http for https, a missing path prefix?)" % location,
+                method=self._method,
+                url=self.url,
+            )
+        error = http_error_from_body(status, self._take_body(), method=self._method, url=self.url)
+        if status in (414, 431):
+            hint = (
+                "the request line or its headers are too long: long doc_ids or selectors go in "
+                "a POST body (pass them as doc_ids= or selector=, not as query parameters)"
+            )
+            reason = hint if not error.reason else "%s; %s" % (error.reason, hint)
+            error = http_error_for(status, error.error, reason, method=self._method, url=self.url)
+        return error
