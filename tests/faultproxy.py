@@ -2,26 +2,36 @@
 
 :class:`FaultProxy` listens on 127.0.0.1 and forwards every accepted connection to a target
 (the real server) on a thread of its own. A *plan* gives each connection one :class:`Fault`:
-pass through, or after ``after`` bytes from server to client cut the connection (FIN), reset it
-(RST, through ``SO_LINGER 0``) or stall it (stop forwarding, keep both sockets open: a half-open
-connection); any of them may also delay every piece it forwards. The client's own bytes are
-always forwarded untouched, so faults land in the response, which is where a feed breaks::
+pass through, or after ``after`` bytes cut the connection (FIN), reset it (RST, through
+``SO_LINGER 0``) or stall it (stop forwarding either way, keep both sockets open: a half-open
+connection); any of them may also delay every piece it forwards. A fault lands in one phase of
+the exchange::
+
+    Fault("stall", after=20, side="request")   # the request: 20 of its bytes reach the server
+    Fault("stall")                             # before the head: the whole request goes, nothing
+                                               # comes back (fires on the server's first byte)
+    Fault("stall", after=9)                    # inside the status line: "HTTP/1.1 " and no more
+    Fault("stall", after=40, inside="headers") # inside the header block
+    Fault("stall", inside="chunk_size")        # after the head, before the first body line
+    Fault("stall", after_rows=2)               # the body, once two feed rows went through
 
     with FaultProxy("127.0.0.1", port, seed=7, plan=Fault("cut", after=300)) as proxy:
         ...  # point a client at proxy.url
     print(proxy.faults_by_kind, proxy.faults_by_region)
 
 A :class:`ResponseTracker` classifies the server's bytes as they pass (response head, chunk-size
-line, feed line, heartbeat, the CRLF after a chunk), so a fault can be aimed *inside* a region
-(``Fault("cut", after=0, inside="chunk_size")`` cuts between two bytes of the first chunk-size
-line at or after ``after``), and every fault records where it landed. Once ``max_faults``
-connection faults have fired, the proxy becomes a clean pass-through (pending faults are
-dropped), so a consumer can catch up; :meth:`FaultProxy.inject_now` breaks the connections open
-right now. ``close()`` closes every socket and joins every thread with bounded waits, so nothing
-leaks into the warnings-as-errors test run.
+line, feed line, heartbeat, the CRLF after a chunk) and counts the feed rows, so a fault can be
+aimed *inside* a region (``Fault("cut", after=0, inside="chunk_size")`` cuts between two bytes of
+the first chunk-size line at or after ``after``) or after some rows, and every fault records
+where it landed (``request`` for the client's bytes, ``start`` before the server's first byte).
+Once ``max_faults`` connection faults have fired, the proxy becomes a clean pass-through
+(pending faults are dropped), so a consumer can catch up; :meth:`FaultProxy.inject_now` breaks
+the connections open right now. ``close()`` closes every socket and joins every thread with
+bounded waits, so nothing leaks into the warnings-as-errors test run.
 """
 
 import collections
+import dataclasses
 import logging
 import random
 import re
@@ -42,6 +52,7 @@ __all__ = [
     "KINDS",
     "REGIONS",
     "ResponseTracker",
+    "SIDES",
     "find_fault_offset",
     "random_plan",
 ]
@@ -51,6 +62,8 @@ KINDS = ("none", "delay", "cut", "reset", "stall")
 BREAKING_KINDS = ("cut", "reset", "stall")
 #: What a byte from server to client can be; a fault between two regions is "a|b".
 REGIONS = ("headers", "chunk_size", "json_line", "heartbeat", "chunk_crlf", "trailer", "body")
+#: Whose bytes a fault's ``after`` counts: the server's response, or the client's request.
+SIDES = ("response", "request")
 
 logger = logging.getLogger(__name__)
 
@@ -76,24 +89,35 @@ class Fault:
 
     Attributes:
         kind: one of :data:`KINDS`.
-        after: server-to-client bytes forwarded before a breaking fault fires.
-        inside: fire only strictly inside this region (both neighbouring bytes in it), at the
-            first such spot at or after ``after`` (best effort, see ``INSIDE_WINDOW_BYTES``).
+        after: bytes of ``side`` forwarded before a breaking fault fires.
+        inside: fire only strictly inside this region of the response (both neighbouring bytes
+            in it), at the first such spot at or after ``after`` (best effort, see
+            ``INSIDE_WINDOW_BYTES``).
         delay: seconds to wait before forwarding each piece from the server (any kind).
+        side: ``"response"`` (the server's bytes) or ``"request"`` (the client's: a stall there
+            stops forwarding the request, so the server never answers).
+        after_rows: fire only once this many feed rows (non-empty lines of the body) have been
+            forwarded whole, so a client has had them before the connection breaks.
     """
 
     kind: str = "none"
     after: int = 0
     inside: Optional[str] = None
     delay: float = 0.0
+    side: str = "response"
+    after_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {KINDS}")
         if self.inside is not None and self.inside not in REGIONS:
             raise ValueError(f"unknown region {self.inside!r}; expected one of {REGIONS}")
-        if self.after < 0 or self.delay < 0:
-            raise ValueError("after and delay cannot be negative")
+        if self.side not in SIDES:
+            raise ValueError(f"unknown side {self.side!r}; expected one of {SIDES}")
+        if self.side == "request" and (self.inside is not None or self.after_rows):
+            raise ValueError("inside and after_rows aim at the response, not the request")
+        if self.after < 0 or self.delay < 0 or self.after_rows < 0:
+            raise ValueError("after, delay and after_rows cannot be negative")
 
     @property
     def breaks(self) -> bool:
@@ -106,9 +130,10 @@ class FaultRecord:
 
     connection: int
     kind: str
-    offset: int
+    offset: int  # of the request's bytes if region is "request", else of the response's
     region: str
     at: float  # time.monotonic() when it fired
+    rows: int = 0  # feed rows forwarded whole before it
 
 
 Plan = Callable[[random.Random, int], Fault]
@@ -124,7 +149,9 @@ class ResponseTracker:
 
     :meth:`feed` takes the next bytes and returns spans ``(start, end, region)`` in absolute
     offsets, adjacent spans of one region merged. In chunk data (or an unframed body), the
-    newline of an empty line is a ``heartbeat``; every other byte is a ``json_line``.
+    newline of an empty line is a ``heartbeat``; every other byte is a ``json_line``. A
+    non-empty line is a *row*: ``rows`` counts them, ``row_ends`` says where those of the last
+    :meth:`feed` ended (the offset after each one's newline).
     """
 
     def __init__(self) -> None:
@@ -138,6 +165,10 @@ class ResponseTracker:
         self._size_line = b""
         self._remaining = 0
         self._line_bytes = 0  # bytes of the current feed line so far, across chunks
+        #: Rows (non-empty feed lines) completed so far.
+        self.rows = 0
+        #: The offset after each row the last feed() completed.
+        self.row_ends: List[int] = []
 
     def __repr__(self) -> str:
         return f"<ResponseTracker {self._state} offset={self.offset}>"
@@ -150,6 +181,7 @@ class ResponseTracker:
         """Classify the next bytes of the response."""
         spans: List[Span] = []
         self._base = self.offset
+        self.row_ends = []
         pos = 0
         while pos < len(data):
             pos = self._step(data, pos, spans)
@@ -233,6 +265,9 @@ class ResponseTracker:
             self._emit(
                 spans, newline, newline + 1, "json_line" if self._line_bytes else "heartbeat"
             )
+            if self._line_bytes:
+                self.rows += 1
+                self.row_ends.append(self._base + newline + 1)
             self._line_bytes = 0
             pos = newline + 1
 
@@ -276,6 +311,19 @@ def find_fault_offset(
     return None
 
 
+def _armed_at(fault: Fault, tracker: ResponseTracker) -> Optional[int]:
+    """The offset from which ``fault`` may fire, once ``after_rows`` rows passed; ``None`` while
+    the rows of the piece the tracker was last fed do not complete them."""
+    if not fault.after_rows:
+        return 0
+    needed = fault.after_rows - (tracker.rows - len(tracker.row_ends))
+    if needed <= 0:
+        return 0  # complete before this piece: every offset in it is past them
+    if needed > len(tracker.row_ends):
+        return None
+    return tracker.row_ends[needed - 1]
+
+
 def random_plan(
     kinds: Tuple[str, ...] = KINDS,
     offsets: Tuple[int, int] = (0, 4096),
@@ -309,6 +357,7 @@ class _Link:
         self.fault: Optional[Fault] = fault
         self.tracker = ResponseTracker()
         self.sent = 0  # server-to-client bytes forwarded
+        self.received = 0  # client-to-server bytes forwarded
         self.stalled = False
         self.done = False
         self.delay_counted = False
@@ -565,12 +614,26 @@ class FaultProxy:
             _close(upstream)
 
     def _from_client(self, link: _Link) -> None:
+        assert link.upstream is not None
         data = link.client.recv(RECV_BYTES)
         if not data:
             link.done = True  # the client left: close the upstream too
-        elif not link.stalled:
-            assert link.upstream is not None
-            link.upstream.sendall(data)
+            return
+        if link.stalled:
+            return  # swallowed: the server never sees the rest of the request
+        fault = link.fault
+        start = link.received
+        if fault is not None and fault.breaks and fault.side == "request":
+            if fault.after < start + len(data):
+                offset = max(fault.after, start)
+                link.upstream.sendall(data[: offset - start])
+                link.received = offset
+                if self._fired(link, fault.kind, offset, "request", link.tracker.rows):
+                    self._apply(link, fault.kind)
+                    return
+                data = data[offset - start :]  # healed meanwhile: pass the rest through
+        link.upstream.sendall(data)
+        link.received += len(data)
 
     def _from_upstream(self, link: _Link, selector: selectors.BaseSelector) -> None:
         assert link.upstream is not None
@@ -586,12 +649,18 @@ class FaultProxy:
         before = link.tracker.last_region
         spans = link.tracker.feed(data)
         fault = link.fault
-        if fault is not None and fault.breaks:
-            found = find_fault_offset(fault, spans, start, start + len(data), before)
+        if fault is not None and fault.breaks and fault.side == "response":
+            armed = _armed_at(fault, link.tracker)
+            found = None
+            if armed is not None:
+                aimed = dataclasses.replace(fault, after=max(fault.after, armed))
+                found = find_fault_offset(aimed, spans, start, start + len(data), before)
             if found is not None:
                 offset, region = found
                 self._forward(link, data[: offset - start])
-                if self._fired(link, fault.kind, offset, region):
+                tracker = link.tracker
+                rows = tracker.rows - sum(end > offset for end in tracker.row_ends)
+                if self._fired(link, fault.kind, offset, region, rows):
                     self._apply(link, fault.kind)
                     return
                 data = data[offset - start :]  # healed meanwhile: pass the rest through
@@ -616,11 +685,11 @@ class FaultProxy:
         kind, link.forced = link.forced, None
         assert kind is not None
         region = _join(link.tracker.last_region, link.tracker.next_region())
-        if self._fired(link, kind, link.sent, region, forced=True):
+        if self._fired(link, kind, link.sent, region, link.tracker.rows, forced=True):
             self._apply(link, kind)
 
     def _fired(
-        self, link: _Link, kind: str, offset: int, region: str, forced: bool = False
+        self, link: _Link, kind: str, offset: int, region: str, rows: int, forced: bool = False
     ) -> bool:
         """Count a breaking fault, unless the proxy healed; return whether it fires."""
         with self._lock:
@@ -629,7 +698,8 @@ class FaultProxy:
                 return False
             self._by_kind[kind] += 1
             self._by_region[region] += 1
-            self._records.append(FaultRecord(link.index, kind, offset, region, time.monotonic()))
+            record = FaultRecord(link.index, kind, offset, region, time.monotonic(), rows)
+            self._records.append(record)
             logger.debug("connection #%d: %s after %d bytes (%s)", link.index, kind, offset, region)
             breaking = sum(self._by_kind[k] for k in BREAKING_KINDS)
             if self.max_faults is not None and breaking >= self.max_faults:

@@ -1,75 +1,87 @@
-"""Proof that no change is lost: a fault-injecting proxy, a chaos run, a crash and a restart.
+"""Proof that no change is lost and no feed stalls, with the library's defaults.
 
-The proxy (``faultproxy.py``) is tested first, against scripted servers, so the chaos test can
-trust it: pass-through, a cut after exactly N bytes, a reset, a stall, aimed faults, healing.
-Then a consumer follows the real server through the proxy while another thread writes a few
-thousand documents and the proxy breaks connection after connection; every document's latest
-revision must arrive, in seq order per connection, duplicated only by a resume. Last, a consumer
-with a ``FileCheckpoint`` runs in a subprocess (``crash_worker.py``) that is SIGKILLed mid-stream
-and restarted: nothing is missed, and only what came after the last checkpoint is delivered twice.
-Run with ``-s`` to see the fault and duplicate counts.
+Consumers with the defaults (only CouchDB's ``heartbeat`` is asked for) follow a feed that a
+writer keeps growing, each through a fault proxy of its own (``faultproxy.py``, tested in
+test_faultproxy.py) that breaks connection after connection in every phase: in the request,
+before the head, inside the status line and the headers, between head and body, in the body;
+by cuts, resets and stalls. ``chaosrun.py`` holds the harness and the contract: every change
+arrives, in order, duplicated only by a resume; no stall goes unnoticed longer than three
+heartbeats; the worst time from a fault to the next delivered change stays within a bound
+derived from the defaults, and is printed. Against pouchdb-server (the real server) and against
+a scripted CouchDB 3 (``livecouch3.py``) whose resumes replay a few rows, as CouchDB 2+ may.
+Last, a consumer with a ``FileCheckpoint`` runs in a subprocess (``crash_worker.py``) that is
+SIGKILLed mid-stream and restarted: nothing is missed, and only what came after the last
+checkpoint is delivered twice. Run with ``-s`` (or see the assertion messages) for the figures.
 """
 
 import collections
+import contextlib
 import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Counter, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-import pytest
-from faultproxy import (
-    Fault,
-    FaultProxy,
-    ResponseTracker,
-    find_fault_offset,
+from chaosrun import (
+    GAP_BOUND_S,
+    LATENCY_S,
+    RECONNECT_BASE_S,
+    SILENCE_NOTICED_S,
+    Delivery,
+    Follower,
+    Key,
+    alternating_plan,
+    change_key,
+    delivery_problems,
+    fault_mix,
+    run_until,
+    worst_gap,
 )
-from scripted import (
-    LAST_CHUNK,
-    Close,
-    Pause,
-    Read,
-    ScriptedServer,
-    Send,
-    Stall,
-    chunk,
-    response_head,
-)
+from faultproxy import Fault, FaultProxy
+from livecouch3 import FollowHistory, History
+from scripted import Read, ScriptedServer
 
 import changeloop
-from changeloop import Consumer, FileCheckpoint, Server
+from changeloop import Consumer, FileCheckpoint, Loop, Server
 
 HERE = Path(__file__).resolve().parent
-REQUEST = b"GET /db/_changes?feed=continuous HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-ROWS = [
-    b'{"seq":1,"id":"a","changes":[{"rev":"1-a"}]}\n',
-    b"\n",
-    b'{"seq":2,"id":"b","changes":[{"rev":"1-b"}]}\n{"seq":3,"id":"c","changes":[]}\n',
-    b"\n",
-]
-# A feed response: the head, then one chunk per entry of ROWS (two rows share the third chunk).
-FEED = response_head(chunked=True) + b"".join(chunk(row) for row in ROWS)
-READ_TIMEOUT_S = 5.0
 
-# -- the chaos run: sizes and bounds ------------------------------------------------------------
+# -- the chaos runs: sizes and bounds -------------------------------------------------------------
 CHAOS_SEED = 20240605
-FAULT_TARGET = 55  # breaking faults before the proxy heals; the test demands at least 50
+#: Consumers on the loop, each with its own proxy, and the faults each proxy injects before it
+#: heals: 8 x 7 = 56 against pouchdb-server (the contract asks for at least 50).
+FEEDS = 8
+FAULTS_PER_FEED = 7
 MIN_FAULTS = 50
-MIN_DOCS = 2000
-MAX_DOCS = 3000
-BATCH_DOCS = 100
-UPDATES_PER_BATCH = 10  # second revisions of earlier documents, in the same _bulk_docs
-DELETES_EVERY_BATCHES = 4
-WRITER_PAUSE_S = 0.15  # spread the writes over the faults rather than front-loading them
-HEARTBEAT_MS = 200  # the watchdog gives up on a stalled connection after 3 of these
-CHAOS_DEADLINE_S = 45.0  # well under the suite's 60 s timeout; a healthy run takes ~10 s
+#: A scripted CouchDB 3's run: 6 x 5 = 30 more, with replaying resumes.
+COUCH3_FEEDS = 6
+COUCH3_FAULTS_PER_FEED = 5
+COUCH3_REPLAY = 2
+#: The writers: a few changes every WRITE_EVERY_S, so each reconnection has something to deliver.
+WRITE_EVERY_S = 0.05
+DOCS_PER_WRITE = 4
+DELETE_EVERY_WRITES = 5
+MAX_WRITES = 1000  # a bound on the writer's loop: 50 s of writes, more than any run takes
+#: A run that keeps its contract takes about 10 s; this is a backstop well under pytest's 60 s.
+CHAOS_DEADLINE_S = 40.0
+#: One stall in one phase: noticed late, the first backoff, a connection that delivers.
+ONE_STALL_BOUND_S = SILENCE_NOTICED_S + RECONNECT_BASE_S + LATENCY_S
+#: The phases a stall is tried in, one consumer each: every one before the body is a phase where
+#: a heartbeat was asked for and so can be held to the heartbeat allowance.
+STALLS = {
+    "request": Fault("stall", after=20, side="request"),
+    "before the head": Fault("stall"),
+    "status line": Fault("stall", after=9),
+    "headers": Fault("stall", after=40, inside="headers"),
+    "between head and body": Fault("stall", inside="chunk_size"),
+    "body": Fault("stall", after_rows=2),
+}
 
 # -- the crash run ----------------------------------------------------------------------------
 CRASH_BATCHES_BEFORE_KILL = 16
@@ -80,216 +92,6 @@ WORKER_DEADLINE_S = 30.0
 STOP_TIMEOUT_S = 5.0
 
 
-def classify(parts: List[Tuple[bytes, str]]) -> Tuple[bytes, List[str]]:
-    """Join labelled parts; return the bytes and each byte's region, independently of the proxy."""
-    data = b"".join(part for part, _ in parts)
-    regions = [region for part, region in parts for _ in part]
-    return data, regions
-
-
-def feed_parts() -> List[Tuple[bytes, str]]:
-    """FEED, labelled by hand: what ResponseTracker must find."""
-    parts = [(response_head(chunked=True), "headers")]
-    for row in ROWS:
-        parts.append((b"%x\r\n" % len(row), "chunk_size"))
-        for line in row.splitlines(keepends=True):
-            parts.append((line, "heartbeat" if line == b"\n" else "json_line"))
-        parts.append((b"\r\n", "chunk_crlf"))
-    return parts
-
-
-def fetch(url_port: int, timeout: float = READ_TIMEOUT_S) -> Tuple[bytes, Optional[BaseException]]:
-    """Send REQUEST through the proxy; read until EOF or an error; return bytes and error."""
-    received = b""
-    with socket.create_connection(("127.0.0.1", url_port), timeout=timeout) as sock:
-        sock.sendall(REQUEST)
-        while True:
-            try:
-                data = sock.recv(65536)
-            except OSError as exc:  # socket.timeout and ConnectionResetError included
-                return received, exc
-            if not data:
-                return received, None
-            received += data
-
-
-# -- the tracker --------------------------------------------------------------------------------
-
-
-def spans_to_regions(spans: List[Tuple[int, int, str]]) -> List[str]:
-    regions: List[str] = []
-    for start, stop, region in spans:
-        assert start == len(regions), spans
-        regions.extend([region] * (stop - start))
-    return regions
-
-
-@pytest.mark.parametrize("split", ["whole", "bytewise", "random"])
-def test_tracker_classifies_every_byte(split: str) -> None:
-    data, expected = classify(feed_parts())
-    tracker = ResponseTracker()
-    if split == "whole":
-        pieces = [data]
-    elif split == "bytewise":
-        pieces = [data[i : i + 1] for i in range(len(data))]
-    else:
-        rng = random.Random(7)
-        cuts = sorted(rng.sample(range(1, len(data)), 25))
-        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
-    spans: List[Tuple[int, int, str]] = []
-    for piece in pieces:
-        spans.extend(tracker.feed(piece))
-    assert spans_to_regions(spans) == expected
-    assert tracker.offset == len(data)
-
-
-def test_tracker_unframed_body_and_last_chunk() -> None:
-    head = response_head(chunked=False)
-    tracker = ResponseTracker()
-    regions = spans_to_regions(tracker.feed(head + b'{"a":1}\n\n'))
-    assert regions == ["headers"] * len(head) + ["json_line"] * 8 + ["heartbeat"]
-    tracker = ResponseTracker()
-    head = response_head(chunked=True)
-    regions = spans_to_regions(tracker.feed(head + LAST_CHUNK))
-    assert regions[len(head) :] == ["chunk_size"] * 3 + ["trailer"] * 2
-
-
-def test_aimed_offsets_land_strictly_inside() -> None:
-    data, regions = classify(feed_parts())
-    spans = ResponseTracker().feed(data)
-    for region in ("headers", "chunk_size", "json_line"):
-        for after in range(0, len(data), 7):
-            found = find_fault_offset(Fault("cut", after, region), spans, 0, len(data), None)
-            if found is None:
-                continue
-            offset, where = found
-            assert where == region and offset >= max(after, 1)
-            assert regions[offset - 1] == regions[offset] == region, (region, after, offset)
-
-
-# -- the proxy, against scripted servers ----------------------------------------------------------
-
-
-@pytest.mark.parametrize("plan", [Fault(), Fault("delay", delay=0.01)], ids=["none", "delay"])
-def test_pass_through(plan: Fault) -> None:
-    pieces = [Send(FEED[:100]), Pause(0.02), Send(FEED[100:])]
-    with ScriptedServer([[Read(), *pieces, Close()]]) as server:
-        with FaultProxy("127.0.0.1", server.port, seed=1, plan=plan) as proxy:
-            received, error = fetch(proxy.port)
-            assert (received, error) == (FEED, None)
-            assert proxy.connections == 1 and proxy.connection_faults == 0
-            assert proxy.faults_by_kind == ({"delay": 1} if plan.delay else {})
-        assert server.requests[0].target == "/db/_changes?feed=continuous"
-    assert "connections=1" in repr(proxy) and "closed" in repr(proxy)
-
-
-@pytest.mark.parametrize("after", [0, 1, 60, len(FEED) - 1])
-def test_cut_delivers_exactly_n_bytes_then_eof(after: int) -> None:
-    with ScriptedServer([[Read(), Send(FEED), Stall()]]) as server:
-        with FaultProxy("127.0.0.1", server.port, seed=1, plan=Fault("cut", after)) as proxy:
-            received, error = fetch(proxy.port)
-            assert error is None  # a clean FIN, not a reset
-            assert received == FEED[:after]
-            [record] = proxy.records
-            assert (record.kind, record.offset) == ("cut", after)
-            assert proxy.faults_by_kind == {"cut": 1}
-
-
-def test_reset_gives_connection_reset_error() -> None:
-    with ScriptedServer([[Read(), Send(FEED), Stall()]]) as server:
-        with FaultProxy("127.0.0.1", server.port, seed=1, plan=Fault("reset", 40)) as proxy:
-            received, error = fetch(proxy.port)
-            assert isinstance(error, ConnectionResetError), error
-            assert len(received) <= 40 and FEED.startswith(received)
-            assert proxy.faults_by_kind == {"reset": 1}
-
-
-def test_stall_delivers_n_bytes_then_nothing() -> None:
-    with ScriptedServer([[Read(), Send(FEED), Stall()]]) as server:
-        with FaultProxy("127.0.0.1", server.port, seed=1, plan=Fault("stall", 100)) as proxy:
-            received, error = fetch(proxy.port, timeout=0.3)
-            assert isinstance(error, socket.timeout), error
-            assert received == FEED[:100]
-            assert proxy.faults_by_kind == {"stall": 1}
-
-
-@pytest.mark.parametrize("region", ["headers", "chunk_size", "json_line"])
-def test_aimed_cut_lands_inside_the_region(region: str) -> None:
-    data, regions = classify(feed_parts())
-    after = 20 if region == "headers" else len(response_head(chunked=True)) + 2
-    with ScriptedServer([[Read(), Send(data), Stall()]]) as server:
-        plan = Fault("cut", after, inside=region)
-        with FaultProxy("127.0.0.1", server.port, seed=1, plan=plan) as proxy:
-            received, _ = fetch(proxy.port)
-            cut = len(received)
-            assert cut >= after and regions[cut - 1] == regions[cut] == region
-            assert proxy.faults_by_region == {region: 1}
-
-
-def test_heals_after_max_faults_and_inject_now() -> None:
-    scripts = [[Read(), Send(FEED), Stall()]]
-    with ScriptedServer(scripts) as server:
-        plan = Fault("cut", 10, delay=0.001)
-        with FaultProxy("127.0.0.1", server.port, seed=1, plan=plan, max_faults=2) as proxy:
-            assert fetch(proxy.port)[0] == FEED[:10]
-            assert fetch(proxy.port)[0] == FEED[:10]
-            assert proxy.healed
-            # Healed: the third connection passes through (the server then stalls).
-            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-                sock.sendall(REQUEST)
-                received = b""
-                while len(received) < len(FEED):
-                    received += sock.recv(65536)
-                assert received == FEED
-                # The two cut connections wind down in their own threads: wait (bounded) until
-                # only this one is open, so the count below is exact.
-                deadline = time.monotonic() + 5
-                while sum(not link.done for link in proxy._links) > 1:
-                    assert time.monotonic() < deadline, "earlier connections never finished"
-                    time.sleep(0.01)
-                assert proxy.inject_now("cut") == 1  # an explicit fault fires even when healed
-                assert sock.recv(65536) == b""
-            assert proxy.faults_by_kind == {"cut": 3, "delay": 2}
-            assert proxy.connection_faults == 3
-
-
-def test_random_plan_is_reproducible() -> None:
-    def faults(seed: int) -> List[Tuple[str, int, str]]:
-        with ScriptedServer([[Read(), Send(FEED), Close()]]) as server:
-            with FaultProxy("127.0.0.1", server.port, seed=seed, offsets=(0, 200)) as proxy:
-                for _ in range(12):
-                    fetch(proxy.port, timeout=0.1)  # a stalled one times out
-                return [(record.kind, record.offset, record.region) for record in proxy.records]
-
-    first = faults(3)
-    assert first == faults(3)
-    assert {kind for kind, _, _ in first} == {"cut", "reset", "stall"}
-
-
-# -- the chaos run --------------------------------------------------------------------------------
-
-
-def chaos_plan(rng: random.Random, index: int) -> Fault:
-    """Every connection breaks: in the head, a chunk-size line, a feed line, or anywhere."""
-    kind = rng.choices(("cut", "reset", "stall"), weights=(6, 3, 1))[0]
-    inside = rng.choice(("headers", "chunk_size", "json_line", None))
-    if inside == "headers":
-        after = rng.randint(0, 120)  # every response head here is longer than that
-    elif inside is None:
-        after = rng.randint(200, 8000)
-    else:
-        after = rng.randint(0, 4000)
-    delay = rng.choice((0.0, 0.0, 0.0, 0.002))
-    return Fault(kind, after=after, inside=inside, delay=delay)
-
-
-def seq_number(seq: Any) -> int:
-    """pouchdb-server's seqs are integers; CouchDB 2+'s start with an increasing number."""
-    if isinstance(seq, int):
-        return seq
-    return int(str(seq).split("-", 1)[0])
-
-
 def through(url: str, port: int) -> str:
     """``url`` with its host and port replaced by 127.0.0.1:``port`` (credentials kept)."""
     parts = urllib.parse.urlsplit(url)
@@ -298,182 +100,306 @@ def through(url: str, port: int) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-class Writer(threading.Thread):
-    """Write documents in _bulk_docs batches, with its own Server, until told it is enough.
+def target_of(url: str) -> Tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
 
-    Creates ``doc-NNNNN``; each batch also updates some earlier documents, and every few batches
-    deletes some. ``final`` maps each id to its latest revision.
+
+class Writer(threading.Thread):
+    """Write to one database of the real server until stopped, with its own ``Server``.
+
+    Every ``WRITE_EVERY_S``: ``DOCS_PER_WRITE`` new documents and an update of an earlier one;
+    every few writes a deletion. ``latest`` maps each id to its latest revision.
     """
 
-    def __init__(self, url: str, db_name: str, proxy: FaultProxy) -> None:
+    def __init__(self, url: str, db_name: str) -> None:
         super().__init__(name="chaos-writer", daemon=True)
         self.url = url
         self.db_name = db_name
-        self.proxy = proxy
         self.rng = random.Random(CHAOS_SEED)
-        self.final: Dict[str, str] = {}
-        self.deleted: Set[str] = set()
+        self.latest: Dict[str, str] = {}
         self.created = 0
-        self.updates = 0
-        self.deletes = 0
         self.error: Optional[BaseException] = None
-        self.finished_at = 0.0
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
         self._stop_event.set()
 
-    def more(self) -> bool:
-        if self._stop_event.is_set() or self.created >= MAX_DOCS:
-            return False
-        return self.created < MIN_DOCS or self.proxy.connection_faults < FAULT_TARGET
-
     def run(self) -> None:
         try:
             with Server(self.url) as server:
                 db = server.get_db(self.db_name)
-                batch = 0
-                while self.more():
-                    docs = self._next_batch(batch)
+                for write in range(MAX_WRITES):
+                    if self._stop_event.wait(WRITE_EVERY_S):
+                        return
+                    docs = self._next_write(write)
                     for doc, result in zip(docs, db.bulk_save(docs)):
                         if "error" in result:
                             raise AssertionError(f"_bulk_docs refused {doc}: {result}")
-                        self.final[doc["_id"]] = result["rev"]
-                    batch += 1
-                    self._stop_event.wait(WRITER_PAUSE_S)
+                        self.latest[doc["_id"]] = result["rev"]
         except BaseException as exc:  # reported by the test's thread
             self.error = exc
-        finally:
-            self.finished_at = time.monotonic()
 
-    def _next_batch(self, batch: int) -> List[Dict[str, Any]]:
-        live = sorted(set(self.final) - self.deleted)
+    def _next_write(self, write: int) -> List[Dict[str, Any]]:
+        earlier = sorted(self.latest)
         docs: List[Dict[str, Any]] = [
-            {"_id": "doc-%05d" % n, "n": n} for n in range(self.created, self.created + BATCH_DOCS)
+            {"_id": "doc-%05d" % n} for n in range(self.created, self.created + DOCS_PER_WRITE)
         ]
-        self.created += BATCH_DOCS
-        if live:
-            for docid in self.rng.sample(live, min(UPDATES_PER_BATCH, len(live))):
-                docs.append({"_id": docid, "_rev": self.final[docid], "updated": batch})
-                self.updates += 1
-            if batch % DELETES_EVERY_BATCHES == 0:
-                touched = {doc["_id"] for doc in docs}
-                for docid in [d for d in live if d not in touched][:5]:
-                    docs.append({"_id": docid, "_rev": self.final[docid], "_deleted": True})
-                    self.deleted.add(docid)
-                    self.deletes += 1
+        self.created += DOCS_PER_WRITE
+        if earlier:
+            updated, deleted = self.rng.sample(earlier, 2) if len(earlier) > 1 else (earlier[0], "")
+            docs.append({"_id": updated, "_rev": self.latest[updated], "write": write})
+            if deleted and write % DELETE_EVERY_WRITES == 0:
+                docs.append({"_id": deleted, "_rev": self.latest[deleted], "_deleted": True})
         return docs
 
 
-def test_chaos_every_latest_revision_arrives(
+class HistoryWriter(threading.Thread):
+    """Grow a scripted CouchDB 3's history until stopped."""
+
+    def __init__(self, history: History) -> None:
+        super().__init__(name="chaos-history-writer", daemon=True)
+        self.history = history
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        for _ in range(MAX_WRITES):
+            if self._stop_event.wait(WRITE_EVERY_S):
+                return
+            self.history.append(DOCS_PER_WRITE)
+
+
+def real_feed(couchdb_url: str, db_name: str) -> Set[Key]:
+    """The database's changes as the server lists them now, asked directly (no proxy)."""
+    with Server(couchdb_url) as server:
+        answer = Consumer(server.get_db(db_name)).fetch(since=0)
+    return {change_key(change) for change in answer["results"]}
+
+
+def chaos(
+    loop: Loop,
+    followers: List[Follower],
+    writer: Any,
+    expected: Callable[[], Set[Key]],
+    started: float,
+) -> Tuple[Optional[str], Set[Key]]:
+    """Run until every proxy healed and every fault was followed by a change; then stop writing
+    and run until every follower has every change. Returns what went wrong, and the changes."""
+    for follower in followers:
+        follower.start()
+    deadline = started + CHAOS_DEADLINE_S
+    try:
+        problem = run_until(
+            loop, followers, lambda: all(f.answered() for f in followers), deadline, GAP_BOUND_S
+        )
+    finally:
+        writer.stop()
+        writer.join(10)
+    if problem is not None or getattr(writer, "error", None) is not None:
+        return problem, set()
+    changes = expected()
+    problem = run_until(
+        loop, followers, lambda: all(changes <= f.keys for f in followers), deadline, GAP_BOUND_S
+    )
+    return problem, changes
+
+
+def report_of(name: str, followers: List[Follower], started: float, problem: Optional[str]) -> str:
+    kinds, phases = fault_mix(followers)
+    worst, where = worst_gap(followers)
+    lines = [
+        f"{name}: {sum(kinds.values())} faults by kind {kinds}, by phase {phases}; worst time "
+        f"from a fault to the next delivered change {worst:.2f} s ({where}; bound "
+        f"{GAP_BOUND_S:.2f} s); {time.monotonic() - started:.1f} s"
+        + ("" if problem is None else f"; STOPPED: {problem}"),
+        *(follower.summary() for follower in followers),
+    ]
+    return "\n".join(lines)
+
+
+def assert_chaos_held(
+    followers: List[Follower], expected: Set[Key], replays: bool, min_faults: int, report: str
+) -> None:
+    for follower in followers:
+        problems = follower.check(expected, replays)
+        assert not problems, f"consumer #{follower.index}: {problems}\n{report}"
+    kinds, phases = fault_mix(followers)
+    assert sum(kinds.values()) >= min_faults, report
+    assert set(kinds) == {"cut", "reset", "stall"}, report
+    head_stalls = sum(
+        1
+        for follower in followers
+        for record in follower.proxy.records
+        if record.kind == "stall" and record.rows == 0 and record.region != "request"
+    )
+    assert head_stalls >= 5, f"only {head_stalls} stalls in or right after the head\n{report}"
+    assert set(phases) == {"request", "before head", "head", "before the first row", "body"}, report
+    worst, _ = worst_gap(followers)
+    assert worst <= GAP_BOUND_S, report
+
+
+# -- the checks themselves ----------------------------------------------------------------------
+
+
+def test_the_checks_catch_loss_disorder_and_duplicates() -> None:
+    def delivered(*entries: Tuple[int, int]) -> List[Delivery]:
+        """(connection, seq) pairs; each seq is the change of doc-<seq>."""
+        return [Delivery(0.0, c, (n, "doc-%d" % n, "1-x")) for c, n in entries]
+
+    expected: Set[Key] = {(n, "doc-%d" % n, "1-x") for n in (1, 2, 3)}
+    assert delivery_problems(delivered((1, 1), (1, 2), (2, 3)), expected, False) == []
+    assert delivery_problems(delivered((1, 1), (1, 2), (2, 2), (2, 3)), expected, True) == []
+    lost = delivery_problems(delivered((1, 1), (2, 3)), expected, True)
+    assert lost == ["1 changes never delivered, e.g. [(2, 'doc-2', '1-x')]"]
+    disorder = delivery_problems(delivered((1, 2), (1, 1), (1, 3)), expected, True)
+    assert [p.split(":")[0] for p in disorder] == ["out of order"]
+    in_one_connection = delivered((1, 1), (1, 2), (1, 2), (1, 3))
+    assert [p.split(":")[0] for p in delivery_problems(in_one_connection, expected, True)] == [
+        "delivered again"
+    ]
+    # With integer seqs nothing comes twice, not even after a reconnection.
+    replayed = delivered((1, 1), (1, 2), (2, 2), (2, 3))
+    assert [p.split(":")[0] for p in delivery_problems(replayed, expected, False)] == [
+        "delivered again"
+    ]
+
+
+# -- one stall in each phase ---------------------------------------------------------------------
+
+
+def test_a_stall_in_any_phase_is_replaced_within_the_heartbeat_allowance(
     couchdb_url: str, couchdb_admin: Any, db_name: str
 ) -> None:
     couchdb_admin.put_db(db_name)
-    target = urllib.parse.urlsplit(couchdb_url)
-    host = target.hostname or "127.0.0.1"
-    port = target.port or (443 if target.scheme == "https" else 80)
+    for n in range(5):  # rows for the body's stall, which waits for two
+        couchdb_admin.post_doc(db_name, {"_id": "before-%d" % n})
+    host, port = target_of(couchdb_url)
     started = time.monotonic()
-    # (connection, seq, id, rev) per delivered change, in delivery order.
-    delivered: List[Tuple[int, Any, str, str]] = []
-    latest: Dict[str, str] = {}
-    errors: Counter[str] = collections.Counter()
-
-    with FaultProxy(host, port, seed=CHAOS_SEED, plan=chaos_plan, max_faults=FAULT_TARGET) as proxy:
-        writer = Writer(couchdb_url, db_name, proxy)
-        server = Server(through(couchdb_url, proxy.port))
-        consumer = Consumer(
-            server.get_db(db_name),
-            on_error=lambda event: errors.update([type(event.error).__name__]),
-            reconnect_base=0.01,
-            reconnect_cap=0.1,
-            healthy_after=1.0,
-            # A stall inside the head is noticed after max(connect_timeout, first_byte_timeout),
-            # one before the first feed line after first_byte_timeout, not 3 heartbeats.
-            first_byte_timeout=0.8,
-            connect_timeout=0.8,
+    with contextlib.ExitStack() as stack:
+        loop = stack.enter_context(Loop())
+        followers = []
+        for index, fault in enumerate(STALLS.values()):
+            proxy = stack.enter_context(
+                FaultProxy(host, port, seed=CHAOS_SEED, plan=fault, max_faults=1)
+            )
+            server = stack.enter_context(Server(through(couchdb_url, proxy.port)))
+            follower = Follower(index, proxy, server.get_db(db_name), loop)
+            stack.callback(follower.consumer.close)
+            followers.append(follower)
+        writer = Writer(couchdb_url, db_name)
+        writer.start()
+        stack.callback(writer.join, 10)
+        stack.callback(writer.stop)
+        for follower in followers:
+            follower.start()
+        problem = run_until(
+            loop,
+            followers,
+            lambda: all(f.answered() for f in followers),
+            started + CHAOS_DEADLINE_S,
+            ONE_STALL_BOUND_S + 0.5,  # all stalls begin together: see them all go over
         )
-
-        def on_change(change: Dict[str, Any]) -> None:
-            rev = change["changes"][0]["rev"]
-            delivered.append((consumer.connections, change["seq"], change["id"], rev))
-            latest[change["id"]] = rev
-
-        try:
-            consumer.start(on_change, since=0, heartbeat=HEARTBEAT_MS)
-            writer.start()
-            deadline = started + CHAOS_DEADLINE_S
-            checked = -1
-            while time.monotonic() < deadline and consumer.running:
-                consumer.loop.run_once(0.05)
-                if writer.is_alive() or checked == len(delivered):
-                    continue
-                checked = len(delivered)
-                if all(latest.get(docid) == rev for docid, rev in writer.final.items()):
-                    break
-            caught_up_at = time.monotonic()
-            stopped_with = consumer.error
-            still_running = consumer.running
-        finally:
-            writer.stop()
-            consumer.close()
-            server.close()
-            writer.join(10)
-        connections = consumer.connections
-        summary = proxy.summary()
-
-    assert writer.error is None, f"the writer failed: {writer.error!r}"
-    assert still_running and stopped_with is None, f"the consumer stopped: {stopped_with!r}"
-
-    # Every document's latest revision was delivered.
-    missing = sorted(d for d, rev in writer.final.items() if latest.get(d) != rev)
-    delivered_pairs = {(docid, rev) for _, _, docid, rev in delivered}
-    never = [(d, rev) for d, rev in writer.final.items() if (d, rev) not in delivered_pairs]
-
-    # Within one connection seqs strictly increase. A resume may replay (CouchDB 2+ can), but
-    # with integer seqs (pouchdb-server) since=N returns only what came after N: no replay.
-    out_of_order = []
-    previous: Dict[int, int] = {}
-    replayed = 0
-    highest_before = -1  # the highest seq delivered on earlier connections
-    for connection, seq, docid, _ in delivered:
-        number = seq_number(seq)
-        if connection in previous and number <= previous[connection]:
-            out_of_order.append((connection, seq, docid))
-        if connection not in previous:
-            highest_before = max([highest_before, *previous.values()])
-        if number <= highest_before:
-            replayed += 1
-        previous[connection] = number
-    integer_seqs = all(isinstance(seq, int) for _, seq, _, _ in delivered)
-
-    # A duplicate (id, rev) is only legitimate on a later connection (a resume replayed it).
-    first_seen: Dict[Tuple[str, str], int] = {}
-    duplicates = 0
-    bad_duplicates = []
-    for connection, seq, docid, rev in delivered:
-        key = (docid, rev)
-        if key in first_seen:
-            duplicates += 1
-            if connection <= first_seen[key]:
-                bad_duplicates.append((connection, seq, docid, rev))
-        else:
-            first_seen[key] = connection
-
+        now = time.monotonic()
+        # Per phase: (seconds from the stall to the next change or so far, whether one came).
+        gaps: Dict[str, Tuple[float, bool]] = {}
+        for phase, follower in zip(STALLS, followers):
+            for gap, record, came in follower.gaps(now):
+                assert record.kind == "stall", (phase, record)  # the plan holds nothing else
+                gaps[phase] = (round(gap, 2), came)
     report = (
-        f"chaos: {writer.created} docs created, {writer.updates} updated, {writer.deletes} "
-        f"deleted ({len(writer.final)} ids); {len(delivered)} changes delivered over "
-        f"{connections} connections, {duplicates} duplicates, {replayed} replayed; proxy: "
-        f"{summary}; consumer errors: {dict(errors)}; writes took "
-        f"{writer.finished_at - started:.1f} s, caught up after {caught_up_at - started:.1f} s"
+        f"seconds from a stall to the next delivered change, by phase (bound "
+        f"{ONE_STALL_BOUND_S:.2f} s): {gaps}" + ("" if problem is None else f"; STOPPED: {problem}")
     )
     print("\n" + report)
-    assert not missing, f"{len(missing)} docs lack their latest revision ({missing[:5]}); {report}"
-    assert not never, f"latest revisions never delivered: {never[:5]}; {report}"
-    assert not out_of_order, f"seqs went backwards in a connection: {out_of_order[:5]}; {report}"
-    assert not bad_duplicates, f"duplicates in one connection: {bad_duplicates[:5]}; {report}"
-    assert replayed == 0 or not integer_seqs, f"a resume went back; {report}"
-    assert proxy.connection_faults >= MIN_FAULTS, f"too few faults; {report}"
-    assert caught_up_at - started < CHAOS_DEADLINE_S, report
+    assert writer.error is None, f"the writer failed: {writer.error!r}"
+    never = [phase for phase in STALLS if phase not in gaps]
+    assert not never, f"no stall in {never}: {report}"
+    slow = [phase for phase, (gap, came) in gaps.items() if not came or gap > ONE_STALL_BOUND_S]
+    assert not slow, f"stalls not replaced in time in {slow}: {report}"
+
+
+# -- the chaos runs -------------------------------------------------------------------------------
+
+
+def test_chaos_against_pouchdb_server(
+    couchdb_url: str, couchdb_admin: Any, db_name: str, record_property: Any
+) -> None:
+    couchdb_admin.put_db(db_name)
+    host, port = target_of(couchdb_url)
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        loop = stack.enter_context(Loop())
+        followers = []
+        for index in range(FEEDS):
+            proxy = stack.enter_context(
+                FaultProxy(
+                    host,
+                    port,
+                    seed=CHAOS_SEED + index,
+                    plan=alternating_plan,
+                    max_faults=FAULTS_PER_FEED,
+                )
+            )
+            server = stack.enter_context(Server(through(couchdb_url, proxy.port)))
+            follower = Follower(index, proxy, server.get_db(db_name), loop)
+            stack.callback(follower.consumer.close)
+            followers.append(follower)
+        writer = Writer(couchdb_url, db_name)
+        writer.start()
+        stack.callback(writer.join, 10)
+        stack.callback(writer.stop)
+        problem, expected = chaos(
+            loop, followers, writer, lambda: real_feed(couchdb_url, db_name), started
+        )
+    report = report_of("pouchdb-server", followers, started, problem)
+    print("\n" + report)
+    record_property("worst_fault_to_change_s", round(worst_gap(followers)[0], 3))
+    assert writer.error is None, f"the writer failed: {writer.error!r}"
+    assert problem is None, report
+    # The server's own list is what the writer wrote: the oracle is sound.
+    assert {docid: rev for _, docid, rev in expected} == writer.latest, report
+    # Integer seqs: a resume after the last delivered change repeats nothing.
+    assert_chaos_held(followers, expected, False, MIN_FAULTS, report)
+
+
+def test_chaos_against_a_scripted_couchdb3(record_property: Any) -> None:
+    history = History()
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        couch = stack.enter_context(
+            ScriptedServer([[Read(), FollowHistory(history, replay=COUCH3_REPLAY)]])
+        )
+        loop = stack.enter_context(Loop())
+        followers = []
+        for index in range(COUCH3_FEEDS):
+            proxy = stack.enter_context(
+                FaultProxy(
+                    "127.0.0.1",
+                    couch.port,
+                    seed=CHAOS_SEED - index,
+                    plan=alternating_plan,
+                    max_faults=COUCH3_FAULTS_PER_FEED,
+                )
+            )
+            server = stack.enter_context(Server(proxy.url))
+            follower = Follower(index, proxy, server.get_db("db%d" % index), loop)
+            stack.callback(follower.consumer.close)
+            followers.append(follower)
+        writer = HistoryWriter(history)
+        writer.start()
+        stack.callback(writer.join, 10)
+        stack.callback(writer.stop)
+        problem, expected = chaos(loop, followers, writer, history.keys, started)
+    report = report_of("scripted CouchDB 3", followers, started, problem)
+    print("\n" + report)
+    record_property("worst_fault_to_change_s", round(worst_gap(followers)[0], 3))
+    assert problem is None, report
+    assert len(expected) == history.count > 0
+    minimum = COUCH3_FEEDS * COUCH3_FAULTS_PER_FEED
+    assert_chaos_held(followers, expected, True, minimum, report)
 
 
 # -- the crash and the restart ------------------------------------------------------------------
