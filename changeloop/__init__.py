@@ -1,12 +1,14 @@
 """changeloop: follow CouchDB ``_changes`` feeds from plain synchronous Python.
 
-One thread, many databases, no dependencies. See the README for the tour.
+One thread, many databases, no dependencies. Every public name is importable from here; the
+submodules they come from are implementation detail as far as imports go (a vendored copy is
+imported under another name anyway). See the README for the tour.
 """
 
 from ._version import __version__
 from .checkpoint import FileCheckpoint, LocalDocCheckpoint, MemoryCheckpoint
 from .client import Database, Server
-from .consumer import Consumer, FeedEvent
+from .consumer import BatchCallback, Callback, Change, Consumer, FeedEvent
 from .errors import (
     BadRequest,
     CallbackError,
@@ -41,6 +43,10 @@ __all__ = [
     "Database",
     "Consumer",
     "FeedEvent",
+    # the types of a change and of the callbacks that take them, for annotating your own code
+    "Change",
+    "Callback",
+    "BatchCallback",
     "DatabaseWatcher",
     "shard_of",
     "Loop",

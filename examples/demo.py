@@ -3,7 +3,10 @@
 Starts a CouchDB-compatible server on loopback (pouchdb-server, installed on first use by
 tests/testserver.py; or the server at COUCHDB_URL), creates a database, follows its continuous
 feed on a changeloop Loop in this thread, and writes documents from another thread: each change
-is printed as it arrives. Exits 0 when every document written was seen.
+is printed as it arrives, with two times: ``elapsed``, seconds since the demo began following the
+feed (before it connected), and ``latency``, milliseconds from the start of the ``save_doc``
+request that wrote the document to its change reaching the callback (the server's write, its
+feed, and changeloop's delivery, all on loopback). Exits 0 when every document written was seen.
 
     python examples/demo.py [--docs N]
 """
@@ -29,14 +32,18 @@ def follow(url: str, docs: int) -> int:
         db = server.create_db("changeloop-demo-%d" % os.getpid())
         print("following %s/%s" % (server.url, db.name), flush=True)
         seen: List[str] = []
+        written: Dict[str, float] = {}  # id -> when its save_doc began (the writer thread's)
         started = time.monotonic()
 
         def on_change(change: Dict[str, Any]) -> None:
+            now = time.monotonic()
             seen.append(change["id"])
+            sent = written.get(change["id"])
             print(
-                "%7.3f s  seq=%-6s id=%s rev=%s"
+                "%7.3f  %7s  %-6s  %-8s  %s"
                 % (
-                    time.monotonic() - started,
+                    now - started,
+                    "-" if sent is None else "%.1f" % ((now - sent) * 1000.0),
                     change["seq"],
                     change["id"],
                     change["changes"][0]["rev"],
@@ -49,13 +56,17 @@ def follow(url: str, docs: int) -> int:
         def on_connect(event: FeedEvent) -> None:
             if writer.ident is None:  # the first connection only, not a reconnection
                 print("connected; writing %d documents from another thread" % docs, flush=True)
+                print("elapsed: s since following began; latency: ms from save_doc to callback")
+                print("%7s  %7s  %-6s  %-8s  %s" % ("elapsed", "latency", "seq", "id", "rev"))
                 writer.start()
 
         def write() -> None:
             with Server(url) as other:
                 target = other.get_db(db.name)
                 for index in range(docs):
-                    target.save_doc({"_id": "demo-%03d" % index, "n": index})
+                    docid = "demo-%03d" % index
+                    written[docid] = time.monotonic()  # before the change can possibly arrive
+                    target.save_doc({"_id": docid, "n": index})
                     time.sleep(0.05)
 
         writer = threading.Thread(target=write, name="writer")

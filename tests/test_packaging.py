@@ -419,3 +419,20 @@ def test_version_matches_installed_metadata() -> None:
         f"installed metadata says {installed} but changeloop/_version.py says {version}: "
         "reinstall (`pip install -e .`, or let tox rebuild)"
     )
+
+
+# --- the public names ----------------------------------------------------------------------------
+
+
+def test_every_public_name_is_importable_from_the_package() -> None:
+    changeloop = importlib.import_module(DIST_NAME)
+    missing = [name for name in changeloop.__all__ if not hasattr(changeloop, name)]
+    assert missing == [], f"changeloop.__all__ names {missing}, which `changeloop` lacks"
+    assert len(set(changeloop.__all__)) == len(changeloop.__all__), "changeloop.__all__ repeats"
+
+
+def test_the_types_of_changes_and_callbacks_are_public() -> None:
+    # Users annotate their callbacks with these; they must not have to know the submodule.
+    changeloop = importlib.import_module(DIST_NAME)
+    for name in ("Change", "FeedEvent", "Callback", "BatchCallback"):
+        assert name in changeloop.__all__, f"{name} is not in changeloop.__all__"

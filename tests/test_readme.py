@@ -1,5 +1,10 @@
-"""Every code block of the README runs against the real server: the Python blocks in order,
-and each `changeloop ...` line of the shell blocks as a command that must exit 0."""
+"""Every code block of the README runs against the real server, twice in a row: each Python block
+standalone (a fresh namespace each time, in one working directory), and each `changeloop ...` line
+of the shell blocks as a command that must exit 0.
+
+Twice, because a reader runs a block again: a block that creates a database it never deletes, or
+saves a document whose id the first run already used, fails the second time (409, 412), and a
+block that waits for more changes than it makes never returns."""
 
 import os
 import re
@@ -43,10 +48,32 @@ def test_readme_python_block_runs(
     monkeypatch.chdir(tmp_path)  # blocks may write files (a checkpoint)
     code = blocks("python")[index]
     assert DEFAULT_URL in code, "README blocks talk to the default URL, replaced here"
-    namespace: Dict[str, Any] = {"__name__": "readme"}
     source = code.replace(DEFAULT_URL, couchdb_url)
-    exec(compile(source, "README.md[%d]" % index, "exec"), namespace)
-    assert capsys.readouterr().out  # every block shows something
+    for run in ("first", "second"):
+        namespace: Dict[str, Any] = {"__name__": "readme"}
+        exec(compile(source, "README.md[%d], %s run" % (index, run), "exec"), namespace)
+        assert capsys.readouterr().out, "the %s run printed nothing" % run  # blocks show something
+
+
+def section(title: str) -> str:
+    """The text of the README's ``## title`` section, up to the next ``## `` heading."""
+    text = README.read_text(encoding="utf-8")
+    match = re.search(r"^## %s\n(.*?)(?=^## |\Z)" % re.escape(title), text, re.S | re.M)
+    assert match is not None, "the README has no '## %s' section" % title
+    return match.group(1)
+
+
+def test_readme_errors_section_names_every_exception() -> None:
+    from changeloop import errors
+
+    listed = set(re.findall(r"`(\w+)`", section("Errors")))
+    missing = [name for name in errors.__all__ if name not in listed]
+    assert missing == [], "the README's Errors section does not mention %s" % missing
+
+
+def test_readme_names_the_generator() -> None:
+    # couchdb-python users look for a generator first; the README must show them where it is.
+    assert "Consumer.changes()" in README.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +84,40 @@ def cli_db(couchdb_url: str) -> Iterator[None]:
         server.delete_db("readme-cli")
 
 
-@pytest.mark.parametrize("command", commands())
+# Commands of the command-line section (another owner's) that fail their second run today, each
+# with the reason; strict, so the mark must go once the line is fixed. The checkpoint line resumes
+# after "b" the second time, prints "c", and waits forever for its second change.
+SECOND_RUN_FAILS = {
+    "changeloop --since 0 --limit 2 --checkpoint readme.seq http://127.0.0.1:5984/readme-cli": (
+        "its second run resumes from readme.seq and waits for a change that never comes"
+    ),
+}
+
+
+def command_params() -> List[Any]:
+    return [
+        pytest.param(
+            command, marks=pytest.mark.xfail(strict=True, reason=SECOND_RUN_FAILS[command])
+        )
+        if command in SECOND_RUN_FAILS
+        else command
+        for command in commands()
+    ]
+
+
+@pytest.mark.parametrize("command", command_params())
 def test_readme_command_runs(command: str, couchdb_url: str, cli_db: None, tmp_path: Path) -> None:
     argv = shlex.split(command.replace(DEFAULT_URL, couchdb_url))
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(changeloop.__file__).resolve().parent.parent)
-    result = subprocess.run(
-        [sys.executable, "-m", "changeloop"] + argv[1:],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) >= 2  # the changes, one JSON line each
+    for run in ("first", "second"):  # in one directory: a checkpoint file is still there
+        result = subprocess.run(
+            [sys.executable, "-m", "changeloop"] + argv[1:],
+            capture_output=True,
+            text=True,
+            timeout=15,  # each takes well under a second
+            cwd=tmp_path,
+            env=env,
+        )
+        assert result.returncode == 0, "%s run: %s" % (run, result.stderr)
+        assert len(result.stdout.splitlines()) >= 2, "%s run: %r" % (run, result.stdout)
