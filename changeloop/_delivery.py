@@ -27,6 +27,8 @@ __all__ = ["Change", "Callback", "BatchCallback", "CHECKPOINT_EVERY_CHANGES", "C
 
 logger = logging.getLogger("changeloop.consumer")
 
+#: A change as CouchDB sends it: ``{"seq": ..., "id": ..., "changes": [{"rev": ...}]}``, with
+#: ``doc`` under ``include_docs=True`` and ``deleted`` for a deletion.
 Change = Dict[str, Any]
 #: A callback of a consumer: it receives one change (a dict).
 Callback = Callable[[Change], Any]

@@ -219,25 +219,27 @@ class Consumer(_Follow):
         if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
             raise ValueError("batch_size must be a positive integer or None")
         self._init_follow()
-        self.db = db
+        # Each setting keeps its constructor argument's name and meaning (see the class's Args);
+        # changing one takes effect at the next start() or connection.
+        self.db = db  #: The database followed.
         self._loop = loop
         self._own_loop = loop is None
-        self.checkpoint = checkpoint
-        self.on_error = on_error
-        self.on_connect = on_connect
-        self.on_disconnect = on_disconnect
-        self.on_caught_up = on_caught_up
-        self.callback_errors = callback_errors
-        self.reconnect_base = reconnect_base
-        self.reconnect_cap = reconnect_cap
-        self.healthy_after = healthy_after
-        self.watchdog_heartbeats = watchdog_heartbeats
-        self.first_byte_timeout = first_byte_timeout
-        self.connect_timeout = connect_timeout
-        self.checkpoint_every = checkpoint_every
-        self.checkpoint_interval = checkpoint_interval
-        self.max_line_bytes = max_line_bytes
-        self.batch_size = batch_size
+        self.checkpoint = checkpoint  #: The checkpoint store, or ``None``.
+        self.on_error = on_error  #: Called with a :class:`FeedEvent` on each error.
+        self.on_connect = on_connect  #: Called with a :class:`FeedEvent` when a feed opens.
+        self.on_disconnect = on_disconnect  #: Called with a :class:`FeedEvent` when one closes.
+        self.on_caught_up = on_caught_up  #: Called once a run has caught up with the server.
+        self.callback_errors = callback_errors  #: ``"stop"`` or ``"skip"``.
+        self.reconnect_base = reconnect_base  #: The backoff's first ceiling, in seconds.
+        self.reconnect_cap = reconnect_cap  #: The backoff's largest ceiling, in seconds.
+        self.healthy_after = healthy_after  #: Seconds up that reset the backoff.
+        self.watchdog_heartbeats = watchdog_heartbeats  #: Silent heartbeats that end a connection.
+        self.first_byte_timeout = first_byte_timeout  #: A first-byte allowance, or ``None``.
+        self.connect_timeout = connect_timeout  #: The most seconds to connect.
+        self.checkpoint_every = checkpoint_every  #: Changes between checkpoints.
+        self.checkpoint_interval = checkpoint_interval  #: Seconds between checkpoints.
+        self.max_line_bytes = max_line_bytes  #: The longest feed line accepted.
+        self.batch_size = batch_size  #: Changes per callback call, or ``None`` for one.
         self._rng = rng or _follow._SHARED_RNG
         self._params: Dict[str, Any] = {}
         self._sent_cookie: Optional[str] = None  # the session cookie of the last feed request
@@ -317,7 +319,7 @@ class Consumer(_Follow):
                 ``_changes`` parameter (``include_docs=True``, ``limit``, ``descending``...).
 
         Returns:
-            CouchDB's answer: ``{"results": [...], "last_seq": ..., "pending": ...}``.
+            dict: CouchDB's answer, ``{"results": [...], "last_seq": ..., "pending": ...}``.
 
         Raises:
             HTTPError: e.g. ``NotFound`` for a missing database or filter.
