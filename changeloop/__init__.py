@@ -26,6 +26,7 @@ from .errors import (
     ReadError,
     ReadTimeout,
     ResourceLimitError,
+    ResponseTooLargeError,
     ServerError,
     Timeout,
     TLSError,
@@ -51,6 +52,7 @@ __all__ = [
     # errors
     "ChangeloopError",
     "ProtocolError",
+    "ResponseTooLargeError",
     "FeedError",
     "LineTooLongError",
     "NetworkError",
