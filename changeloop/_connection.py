@@ -17,10 +17,9 @@ from . import _transport
 from ._events import NEED_DATA, ConnectionClosed, Data, EndOfMessage, Response
 from ._http import ResponseParser
 from ._request import PreparedRequest
-from ._stream import MAX_ERROR_BODY_BYTES
 from .errors import ResponseTooLargeError
 
-__all__ = ["Endpoint", "Connection", "redact_url", "RECV_BYTES", "MAX_ERROR_BODY_BYTES"]
+__all__ = ["Endpoint", "Connection", "redact_url", "RECV_BYTES"]
 
 #: Bytes asked of ``recv`` at a time: large enough that a big response takes few system calls.
 RECV_BYTES = 256 * 1024
@@ -93,13 +92,18 @@ class Connection:
         self.used = False
 
     def exchange(
-        self, request: PreparedRequest, timeout: Optional[float], max_body: Optional[int]
+        self,
+        request: PreparedRequest,
+        timeout: Optional[float],
+        max_body: Optional[int],
+        max_error_body: int,
     ) -> Tuple[Optional[Response], bytes, bool]:
         """Send a request and read the whole response: ``(head, body, reusable)``.
 
         ``head`` is ``None`` if the connection closed before the response started. ``reusable``
         is false when the connection must not carry another request: the server said so, bytes
-        are left after the response, or an error body was cut at ``MAX_ERROR_BODY_BYTES``.
+        are left after the response, or an error body was cut at ``max_error_body`` bytes (the rest
+        is not read: it may never end).
 
         Raises:
             ResponseTooLargeError: a success body is larger than ``max_body``.
@@ -139,7 +143,7 @@ class Connection:
             elif isinstance(event, Response):
                 head = event
                 if head.status_code >= 400:
-                    limit = None  # cut at MAX_ERROR_BODY_BYTES below, not refused
+                    limit = None  # cut at max_error_body below, not refused
                 elif limit is not None:
                     declared = _declared_length(head)
                     if declared is not None and declared > limit:
@@ -150,9 +154,9 @@ class Connection:
                 if limit is not None and size > limit:
                     raise self._too_large(request, size, limit, "sent at least")
                 assert head is not None
-                if head.status_code >= 400 and size >= MAX_ERROR_BODY_BYTES:
+                if head.status_code >= 400 and size >= max_error_body:
                     # Enough to show the error; the rest (possibly endless) is not read.
-                    return head, b"".join(body)[:MAX_ERROR_BODY_BYTES], False
+                    return head, b"".join(body)[:max_error_body], False
             elif isinstance(event, EndOfMessage):
                 assert head is not None
                 leftover, eof = parser.trailing_data

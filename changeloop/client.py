@@ -29,9 +29,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 from urllib.parse import quote
 
 from . import _transport
-from ._connection import MAX_ERROR_BODY_BYTES, Connection, Endpoint
+from ._connection import Connection, Endpoint
 from ._events import Response
 from ._request import Credentials, PreparedRequest, Secret
+from ._stream import MAX_ERROR_BODY_BYTES
 from ._version import __version__
 from .errors import (
     HTTPError,
@@ -383,7 +384,9 @@ class Server:
             connection = self._borrow(timeout)
             reused = connection.used
             try:
-                head, data, reusable = connection.exchange(request, timeout, self.max_body_bytes)
+                head, data, reusable = connection.exchange(
+                    request, timeout, self.max_body_bytes, MAX_ERROR_BODY_BYTES
+                )
             except BaseException:  # a failure, or Ctrl-C mid-request: the connection is spent
                 connection.close()
                 raise
