@@ -167,9 +167,11 @@ class Connection:
     def _too_large(
         self, request: PreparedRequest, size: int, limit: int, verb: str
     ) -> ResponseTooLargeError:
+        url = self.endpoint.url  # it ends with the prefix, which the target starts with
+        origin = url[: len(url) - len(self.endpoint.prefix)]
         return ResponseTooLargeError(
             "%s %s%s: the answer %s %d body bytes, over the limit of %d (max_body_bytes)"
-            % (request.method, self.endpoint.url, request.target, verb, size, limit),
+            % (request.method, origin, request.target, verb, size, limit),
             limit=limit,
         )
 

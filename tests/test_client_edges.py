@@ -162,10 +162,11 @@ def test_max_body_bytes_is_configurable(framing: str) -> None:
     else:
         answer = HUGE_HEAD % (200, len(body)) + body
     with ScriptedServer([[Read(), Send(answer), Close()]]) as s:
-        with Server(s.url, max_body_bytes=1000) as server:
+        with Server(s.url + "/couch", max_body_bytes=1000) as server:
             with pytest.raises(ResponseTooLargeError, match="over the limit of 1000") as info:
                 server.info()
             assert info.value.limit == 1000
+            assert str(info.value).startswith("GET %s/couch/: the answer " % s.url)
         with Server(s.url, max_body_bytes=len(body)) as server:
             assert server.info() == {"pad": "x" * 3000}  # exactly the limit is accepted
         with Server(s.url, max_body_bytes=None) as server:
