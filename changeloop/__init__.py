@@ -28,6 +28,7 @@ from .errors import (
     ReadError,
     ReadTimeout,
     ResourceLimitError,
+    ResponseTooLargeError,
     ServerError,
     Timeout,
     TLSError,
@@ -57,6 +58,7 @@ __all__ = [
     # errors
     "ChangeloopError",
     "ProtocolError",
+    "ResponseTooLargeError",
     "FeedError",
     "LineTooLongError",
     "NetworkError",

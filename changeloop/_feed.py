@@ -71,14 +71,27 @@ class LineDecoder:
         fast: use the C scanner when available (``False`` forces the plain path, for tests).
     """
 
-    __slots__ = ("_scan", "_tail", "heartbeats", "last_seq", "max_line_bytes", "rows")
+    __slots__ = (
+        "_scan",
+        "_tail",
+        "_tail_bytes",
+        "heartbeats",
+        "last_seq",
+        "max_line_bytes",
+        "rows",
+    )
 
     def __init__(self, max_line_bytes: int = MAX_LINE_BYTES, fast: bool = True) -> None:
         if max_line_bytes < 1:
             raise ValueError("max_line_bytes must be positive")
         self.max_line_bytes = max_line_bytes
         self._scan: Optional[_ScanOnce] = _SHARED_SCANNER if fast else None
-        self._tail = b""  # an incomplete last line, waiting for its newline
+        # An incomplete last line, waiting for its newline, as the pieces it arrived in: they
+        # are joined once, when the newline comes. Re-joining them on every receive would copy
+        # the partial line again each time, quadratic in its length (an 8 MiB row dripped in
+        # 1 KiB receives cost 1.26 s where 48 KiB receives cost 0.05 s). Never holds b"".
+        self._tail: List[bytes] = []
+        self._tail_bytes = 0
         #: Heartbeat (empty) lines seen so far.
         self.heartbeats = 0
         #: Rows decoded so far (not counting heartbeats and the last_seq line).
@@ -90,14 +103,14 @@ class LineDecoder:
         return "<LineDecoder rows=%d heartbeats=%d buffered=%d ended=%s>" % (
             self.rows,
             self.heartbeats,
-            len(self._tail),
+            self._tail_bytes,
             self.last_seq is not None,
         )
 
     @property
     def buffered(self) -> int:
         """Bytes of an incomplete line held until its newline arrives."""
-        return len(self._tail)
+        return self._tail_bytes
 
     def feed(self, data: bytes) -> List[Row]:
         """Decode the complete lines in ``data`` (plus what was held back) and return the rows.
@@ -127,16 +140,22 @@ class LineDecoder:
             return
         last = data.rfind(b"\n")
         if last < 0:
-            self._hold(self._tail + data if self._tail else data)
+            if data:
+                self._hold(data)
             return
         start = 0
         if self._tail:
             first = data.find(b"\n")
-            self._decode(self._tail + data[: first + 1], rows)
+            self._tail.append(data[: first + 1])
+            line = b"".join(self._tail)
+            self._tail = []
+            self._tail_bytes = 0
+            self._decode(line, rows)
             start = first + 1
         if start <= last:
             self._decode(data[start : last + 1] if start else data[: last + 1], rows)
-        self._hold(data[last + 1 :])
+        if last + 1 < len(data):
+            self._hold(data[last + 1 :])
 
     def close(self) -> None:
         """Say the body ended; a partial last line is an error (the feed was cut).
@@ -144,17 +163,21 @@ class LineDecoder:
         Raises:
             FeedError: the body ended in the middle of a line.
         """
-        if self._tail.strip():
-            raise FeedError("the feed ended in the middle of a line (%d bytes)" % len(self._tail))
-        self._tail = b""
+        if b"".join(self._tail).strip():
+            raise FeedError("the feed ended in the middle of a line (%d bytes)" % self._tail_bytes)
+        self._tail = []
+        self._tail_bytes = 0
 
-    def _hold(self, tail: bytes) -> None:
-        if len(tail) > self.max_line_bytes:
+    def _hold(self, piece: bytes) -> None:
+        """Add ``piece`` (not empty, no newline) to the partial line, within the limit."""
+        held = self._tail_bytes + len(piece)
+        if held > self.max_line_bytes:
             raise LineTooLongError(
                 "a feed line exceeded %d bytes without a newline (max_line_bytes)"
                 % self.max_line_bytes
             )
-        self._tail = tail
+        self._tail.append(piece)
+        self._tail_bytes = held
 
     def _decode(self, chunk: bytes, rows: List[Row]) -> None:
         """Decode complete lines (``chunk`` ends with a newline) and append their rows."""

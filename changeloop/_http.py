@@ -34,6 +34,7 @@ from ._readers import (
     BodyReader,
     excerpt,
     find_blank_line,
+    has_control_char,
     parse_fields,
     pick_reader,
     split_lines,
@@ -257,7 +258,7 @@ def _parse_status_line(line: bytes) -> Tuple[bytes, int, bytes]:
     ):
         raise ProtocolError("malformed status line %r" % excerpt(line))
     reason = parts[2] if len(parts) == 3 else b""
-    if b"\r" in reason or b"\x00" in reason:
+    if has_control_char(reason):  # RFC 9112 §4: HTAB, SP, VCHAR and obs-text only
         raise ProtocolError("control character in status line %r" % excerpt(line))
     if parts[0][5:6] != b"1":
         raise ProtocolError("unsupported HTTP version %r" % parts[0].decode("ascii", "replace"))

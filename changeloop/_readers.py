@@ -6,6 +6,7 @@ means for that framing. The chunked reader strips the framing of every complete 
 buffer in one call (see ``_http`` for why).
 """
 
+import re
 import sys
 from itertools import repeat
 from typing import List, Optional, Tuple, Union
@@ -13,7 +14,15 @@ from typing import List, Optional, Tuple, Union
 from ._events import Data, EndOfMessage, Headers
 from .errors import ProtocolError
 
-__all__ = ["pick_reader", "BodyReader", "find_blank_line", "split_lines", "parse_fields", "tokens"]
+__all__ = [
+    "pick_reader",
+    "BodyReader",
+    "find_blank_line",
+    "split_lines",
+    "parse_fields",
+    "tokens",
+    "has_control_char",
+]
 
 # Limits. Each is far above what CouchDB or any sane proxy sends, and low enough that a hostile
 # peer cannot make us buffer without bound.
@@ -41,6 +50,15 @@ _DECIMAL_DIGITS = b"0123456789"
 _TOKEN_CHARS = frozenset(
     b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
+#: What may not appear in a field value or a reason phrase: RFC 9110 §5.5 allows only VCHAR,
+#: obs-text, SP and HTAB there, so every other control character (NUL, CR, a bare LF inside a
+#: line, DEL...) is refused rather than passed on to code that may treat it as a separator.
+_CONTROL_CHAR = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def has_control_char(value: bytes) -> bool:
+    """Whether ``value`` holds a byte that RFC 9110 §5.5 keeps out of field values."""
+    return _CONTROL_CHAR.search(value) is not None
 
 
 # -- field sections (heads and trailers) ------------------------------------------------------
@@ -79,7 +97,10 @@ def parse_fields(lines: List[bytes], what: str) -> Headers:
             if not fields:
                 raise ProtocolError("%s section starts with a continuation line" % what)
             name, value = fields[-1]
-            fields[-1] = (name, (value + b" " + line.strip(b" \t")).strip(b" \t"))
+            more = line.strip(b" \t")
+            if has_control_char(more):
+                raise ProtocolError("control character in %s %r" % (what, excerpt(name)))
+            fields[-1] = (name, (value + b" " + more).strip(b" \t"))
             continue
         colon = line.find(b":")
         if colon <= 0:
@@ -89,7 +110,7 @@ def parse_fields(lines: List[bytes], what: str) -> Headers:
             # Includes whitespace before the colon, which RFC 9112 §5.1 says to reject.
             raise ProtocolError("invalid %s name %r" % (what, excerpt(name)))
         value = line[colon + 1 :].strip(b" \t")
-        if b"\r" in value or b"\x00" in value:
+        if has_control_char(value):
             raise ProtocolError("control character in %s %r" % (what, excerpt(name)))
         fields.append((name.lower(), value))
         if len(fields) > MAX_HEADER_COUNT:

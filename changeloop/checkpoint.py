@@ -6,22 +6,41 @@ after a crash it resumes at the last saved seq and delivers again what came afte
 is **at-least-once**, and callbacks should be idempotent (keyed on ``id`` and ``rev``).
 
 - :class:`FileCheckpoint` writes a small JSON file atomically (temp file, fsync, rename), so a
-  crash leaves the old checkpoint or the new one, never a torn file.
+  crash leaves the old checkpoint or the new one, never a torn file. Saves hold an OS lock on a
+  ``<file>.lock`` beside it, so processes sharing one file (one key each) lose no update.
 - :class:`LocalDocCheckpoint` keeps the seq in a ``_local/`` document of the watched database:
   ``_local`` documents are not replicated and not in ``_changes``, and any worker that can reach
   the database can take the feed over from where another one stopped.
 """
 
+import binascii
+import errno
 import json
 import os
-import tempfile
+import re
 import threading
-from typing import Any, Dict, Optional, Union
+import time
+from types import ModuleType
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 from .client import Database, quote_doc_id
 from .errors import CheckpointError, HTTPError
 
+fcntl: Optional[ModuleType]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 __all__ = ["CheckpointStore", "FileCheckpoint", "LocalDocCheckpoint", "MemoryCheckpoint"]
+
+#: Where no OS lock tells a dead writer's temporary file from a live one's (no ``fcntl``; the
+#: older, tag-less names), a temporary file is removed only once this old: a save takes
+#: milliseconds, an fsync on a very slow disk seconds, so an hour old is surely abandoned.
+STALE_TEMP_S = 3600.0
+_TEMP_PREFIX = ".checkpoint-"
+#: What ``tempfile.mkstemp`` named the temporary files before they carried their file's tag.
+_LEGACY_TEMP = re.compile(r"\.checkpoint-[a-z0-9_]{8}\Z")
 
 
 class CheckpointStore:
@@ -61,6 +80,16 @@ class FileCheckpoint(CheckpointStore):
         path: the file; its directory must exist.
         key: share one file between several consumers (one per database, say): the file then
             holds ``{key: seq, ...}`` and each store reads and writes its own key.
+
+    Each save is a read-modify-write under a lock: a thread lock within the process and, where
+    ``fcntl`` exists (Linux, macOS, the BSDs), an ``flock`` on ``<path>.lock`` (created beside
+    the file, and left there), so several processes may share one file, each with its own
+    keys. Without ``fcntl`` (Windows) only the threads of one process are serialized: give each
+    process its own file there.
+
+    A save that is killed leaves its temporary file (``.checkpoint-*``) behind; the first save
+    of each store removes those of its file (under the lock, so never one a live writer is
+    still filling). The file gets the mode the process's umask gives a new file.
     """
 
     _locks: Dict[str, threading.Lock] = {}
@@ -69,6 +98,7 @@ class FileCheckpoint(CheckpointStore):
     def __init__(self, path: Union[str, "os.PathLike[str]"], key: Optional[str] = None) -> None:
         self.path = os.fspath(path)
         self.key = key
+        self._swept = False  # whether the leftovers of killed saves were removed yet
         with FileCheckpoint._locks_guard:
             self._lock = FileCheckpoint._locks.setdefault(
                 os.path.abspath(self.path), threading.Lock()
@@ -97,7 +127,10 @@ class FileCheckpoint(CheckpointStore):
         Raises:
             CheckpointError: the file could not be written.
         """
-        with self._lock:
+        with self._lock, self._file_lock():
+            if not self._swept:
+                self._remove_stale_temporaries()
+                self._swept = True
             if self.key is not None:
                 document = self._read() or {}
                 seqs = dict(document.get("seqs", {}))
@@ -106,6 +139,34 @@ class FileCheckpoint(CheckpointStore):
             else:
                 document = {"seq": seq}
             self._write(document)
+
+    def _file_lock(self) -> "_FileLock":
+        return _FileLock(self.path + ".lock")
+
+    def _temp_tag(self) -> str:
+        """A tag for this file's temporary files: those of other files are not ours to remove."""
+        return "%08x" % (binascii.crc32(os.path.basename(self.path).encode("utf-8", "replace")))
+
+    def _remove_stale_temporaries(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        ours = _TEMP_PREFIX + self._temp_tag() + "-"
+        # Under the flock no live writer of this file has a temporary file; without one, only
+        # an old one is surely abandoned. Tag-less names may belong to any file: age decides.
+        locked = fcntl is not None
+        now = time.time()
+        for entry in _scan(directory):
+            name = entry.name
+            if name.startswith(ours):
+                stale = locked or _age(entry, now) > STALE_TEMP_S
+            elif _LEGACY_TEMP.match(name):
+                stale = _age(entry, now) > STALE_TEMP_S
+            else:
+                continue
+            if stale:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass  # removed by another store meanwhile, or not ours to remove
 
     def _read(self) -> Optional[Dict[str, Any]]:
         try:
@@ -127,7 +188,7 @@ class FileCheckpoint(CheckpointStore):
         directory = os.path.dirname(os.path.abspath(self.path))
         data = json.dumps(document, sort_keys=True).encode("utf-8") + b"\n"
         try:
-            fd, temporary = tempfile.mkstemp(prefix=".checkpoint-", dir=directory)
+            fd, temporary = _create_temporary(directory, _TEMP_PREFIX + self._temp_tag() + "-")
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
@@ -143,6 +204,65 @@ class FileCheckpoint(CheckpointStore):
             _fsync_directory(directory)
         except OSError as exc:
             raise CheckpointError("cannot write checkpoint %s: %s" % (self.path, exc)) from exc
+
+
+def _create_temporary(directory: str, prefix: str) -> Tuple[int, str]:
+    """Create a new temporary file; mode 0o666 as the umask reduces it, like any new file.
+
+    (``tempfile.mkstemp`` makes it 0o600 whatever the umask says, and the rename would give
+    the checkpoint that mode.)
+    """
+    # vermin reads "os.O_X | os.O_Y" as a 3.10 union type: novermin marks the false positive.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # novermin
+    for _ in range(100):
+        path = os.path.join(directory, prefix + binascii.hexlify(os.urandom(4)).decode())
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", directory)
+
+
+class _FileLock:
+    """An exclusive ``flock`` on ``path`` (created if need be), or nothing without ``fcntl``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> "_FileLock":
+        if fcntl is None:
+            return self
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # novermin (as above)
+        except OSError as exc:
+            raise CheckpointError("cannot open the lock file %s: %s" % (self.path, exc)) from exc
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            os.close(self.fd)
+            raise CheckpointError("cannot lock %s: %s" % (self.path, exc)) from exc
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = -1
+
+
+def _scan(directory: str) -> Iterator["os.DirEntry[str]"]:
+    try:
+        with os.scandir(directory) as entries:
+            yield from list(entries)
+    except OSError:
+        return
+
+
+def _age(entry: "os.DirEntry[str]", now: float) -> float:
+    try:
+        return now - entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _fsync_directory(directory: str) -> None:

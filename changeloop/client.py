@@ -4,12 +4,21 @@ Each request borrows a kept-alive connection from a small per-server pool (or op
 the request serialized by ``_request``, and reads the answer with the sans-IO parser in a plain
 ``recv`` loop. A pooled connection the server has closed in the meantime (CouchDB and Node close
 idle keep-alive connections after a few seconds) shows up as a close before any response byte;
-the request is then retried once on a fresh connection. Error statuses become typed
+a request safe to repeat (RFC 9110 §9.2.2: not a ``POST``) is then retried once on a fresh
+connection. A pooled connection is reused only when nothing is left unread on it: bytes after a
+response (a second, smuggled response; a body on a ``HEAD``, 204 or 304 answer) would otherwise
+be read as the answer to the next request. Error statuses become typed
 :class:`~changeloop.errors.HTTPError` subclasses carrying CouchDB's ``error`` and ``reason``.
+
+Bodies are bounded: a success body by ``max_body_bytes`` (:class:`ResponseTooLargeError`, raised
+as soon as a ``Content-Length`` announces more), an error body by ``MAX_ERROR_BODY_BYTES`` (the
+rest is not read; the connection is closed).
 
 Credentials come from the URL (percent-decoded) or ``auth=``; they are sent as Basic auth or, with
 ``session=True``, exchanged for a cookie at ``/_session`` that is renewed once on a 401. They never
-appear in a ``repr``, a log line or an error message.
+appear in a ``repr``, a log line or an error message, nor in the locals of the frames a request
+error passes through: they are held as :class:`~changeloop._request.Secret` values and written
+into the request's bytes only as those go to the socket.
 """
 
 import json
@@ -17,12 +26,13 @@ import logging
 import ssl
 import threading
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 from . import _transport
-from ._events import NEED_DATA, ConnectionClosed, Data, EndOfMessage, Response
-from ._http import ResponseParser
-from ._request import basic_auth_value, serialize_request
+from ._connection import Connection, Endpoint
+from ._events import Response
+from ._request import Credentials, PreparedRequest, Secret
+from ._stream import MAX_ERROR_BODY_BYTES
 from ._version import __version__
 from .errors import (
     HTTPError,
@@ -31,7 +41,15 @@ from .errors import (
     http_error_from_body,
 )
 
-__all__ = ["Server", "Database", "encode_query", "DEFAULT_URL", "DEFAULT_TIMEOUT_S"]
+__all__ = [
+    "Server",
+    "Database",
+    "encode_query",
+    "DEFAULT_URL",
+    "DEFAULT_TIMEOUT_S",
+    "MAX_BODY_BYTES",
+    "MAX_ERROR_BODY_BYTES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +57,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_URL = "http://127.0.0.1:5984"
 #: Seconds to connect, and then to wait for each read, on one-shot requests.
 DEFAULT_TIMEOUT_S = 30.0
-#: Bytes asked of ``recv`` at a time: large enough that a big response takes few system calls.
-RECV_BYTES = 256 * 1024
 #: Idle connections kept per server; one-shot use rarely needs more than one at a time.
 MAX_IDLE_CONNECTIONS = 4
+#: The largest response body a one-shot request accepts by default (``Server(max_body_bytes=)``).
+#: It is decoded whole, and the Python objects ``json.loads`` builds take several times the size
+#: of their JSON, so 256 MiB of JSON is already gigabytes of memory. CouchDB caps a document at
+#: 8 MB (``max_document_size``): this is 32 of the largest documents, or over a million
+#: ``_changes`` rows without documents. A larger answer should be paged (``limit=``), or the
+#: limit lifted with ``max_body_bytes=None``.
+MAX_BODY_BYTES = 256 * 1024 * 1024
+#: Methods a request may be repeated with after a stale keep-alive connection (RFC 9110
+#: §9.2.2): the server may have processed a request it did not answer, and repeating a ``POST``
+#: (``save_doc`` without ``_id``, ``_bulk_docs``) could create its documents twice.
+IDEMPOTENT_METHODS = frozenset(["GET", "HEAD", "PUT", "DELETE", "OPTIONS"])
 #: Query parameters CouchDB reads as JSON, so strings among them are JSON-quoted.
 JSON_PARAMS = frozenset(["key", "keys", "startkey", "endkey", "start_key", "end_key", "doc_ids"])
 
@@ -83,92 +110,6 @@ def quote_doc_id(docid: str) -> str:
     return quote(docid, safe="")
 
 
-class _Endpoint:
-    """Where a server is and how to reach it; shared with the consumers of its databases."""
-
-    def __init__(self, url: str, ssl_context: Optional[ssl.SSLContext]) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected an http:// or https:// URL with a host, not %r" % url)
-        self.tls = parts.scheme == "https"
-        self.host = parts.hostname
-        self.port = parts.port or (443 if self.tls else 80)
-        self.prefix = parts.path.rstrip("/")
-        self.username = unquote(parts.username) if parts.username is not None else None
-        self.password = unquote(parts.password) if parts.password is not None else None
-        bracketed = "[%s]" % self.host if ":" in self.host else self.host
-        default_port = 443 if self.tls else 80
-        self.host_header = (
-            bracketed if self.port == default_port else "%s:%d" % (bracketed, self.port)
-        )
-        #: The URL with any credentials removed: safe for messages and logs.
-        self.url = "%s://%s%s" % (parts.scheme, self.host_header, self.prefix)
-        self.ssl_context = (ssl_context or _transport.make_ssl_context()) if self.tls else None
-
-
-class _Connection:
-    """One blocking keep-alive connection and the parser reading it."""
-
-    def __init__(self, endpoint: _Endpoint, timeout: Optional[float]) -> None:
-        self.endpoint = endpoint
-        self.sock = _transport.connect_blocking(
-            endpoint.host, endpoint.port, ssl_context=endpoint.ssl_context, timeout=timeout
-        )
-        self.parser = ResponseParser()
-        self.used = False
-
-    def exchange(
-        self, method: str, request: bytes, timeout: Optional[float]
-    ) -> Tuple[Optional[Response], bytes]:
-        """Send a request and read the whole response; ``None`` if closed before it started."""
-        endpoint = self.endpoint
-        if self.used:
-            self.parser.start_next_response(method)
-        else:
-            self.parser = ResponseParser(method)
-        self.used = True
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.sendall(request)
-        except OSError as exc:
-            if _is_reset(exc):
-                return None, b""  # a stale keep-alive connection: the caller retries
-            raise _transport.map_socket_error(
-                exc, host=endpoint.host, port=endpoint.port, phase="write"
-            ) from exc
-        parser = self.parser
-        head: Optional[Response] = None
-        body: List[bytes] = []
-        while True:
-            event = parser.next_event()
-            if event is NEED_DATA:
-                try:
-                    data = self.sock.recv(RECV_BYTES)
-                except OSError as exc:
-                    if head is None and not parser.trailing_data[0] and _is_reset(exc):
-                        return None, b""  # a stale keep-alive connection: the caller retries
-                    raise _transport.map_socket_error(
-                        exc, host=endpoint.host, port=endpoint.port, phase="read"
-                    ) from exc
-                parser.receive_data(data)
-            elif isinstance(event, Response):
-                head = event
-            elif isinstance(event, Data):
-                body.append(event.data)
-            elif isinstance(event, EndOfMessage):
-                assert head is not None
-                return head, b"".join(body)
-            elif isinstance(event, ConnectionClosed):
-                return None, b""
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _is_reset(exc: OSError) -> bool:
-    return isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError))
-
-
 class Server:
     """A CouchDB server, for one-shot requests; the entry point to its databases.
 
@@ -182,6 +123,14 @@ class Server:
         ssl_context: the TLS context for ``https`` URLs; defaults to a verifying one (TLS 1.2+).
         cafile, certfile, keyfile: shortcuts that build ``ssl_context``: a CA bundle to trust,
             and a client certificate and key.
+        max_body_bytes: the largest response body accepted (:data:`MAX_BODY_BYTES`, 256 MiB,
+            by default); a larger one raises :class:`~changeloop.errors.ResponseTooLargeError`,
+            at once when its ``Content-Length`` says so. ``None`` accepts any size. Error
+            bodies are kept only up to :data:`MAX_ERROR_BODY_BYTES` in any case.
+
+    Raises:
+        ValueError: the URL is not ``http[s]://[user:password@]host[:port][/prefix]`` (the
+            message never shows the password), or ``session=True`` without credentials.
 
     A ``Server`` may be shared between threads: each request borrows its own connection.
     """
@@ -197,24 +146,31 @@ class Server:
         cafile: Optional[str] = None,
         certfile: Optional[str] = None,
         keyfile: Optional[str] = None,
+        max_body_bytes: Optional[int] = MAX_BODY_BYTES,
     ) -> None:
+        if max_body_bytes is not None and (
+            not isinstance(max_body_bytes, int) or max_body_bytes < 0
+        ):
+            raise ValueError("max_body_bytes must be a byte count or None")
+        self.max_body_bytes = max_body_bytes
         if ssl_context is None and (cafile or certfile):
             ssl_context = _transport.make_ssl_context(
                 cafile=cafile, certfile=certfile, keyfile=keyfile
             )
-        self._endpoint = _Endpoint(url, ssl_context)
+        self._endpoint = Endpoint(url, ssl_context)
         if auth is not None:
-            self._credentials: Optional[Tuple[str, str]] = (auth[0], auth[1])
+            self._credentials: Optional[Credentials] = Credentials(auth[0], auth[1])
         elif self._endpoint.username is not None:
-            self._credentials = (self._endpoint.username, self._endpoint.password or "")
+            self._credentials = Credentials(self._endpoint.username, self._endpoint.password or "")
         else:
             self._credentials = None
+        self._endpoint.password = None  # held by the Credentials only, out of every repr
         if session and self._credentials is None:
             raise ValueError("session=True needs credentials (auth= or user:password@ in the URL)")
         self._session = session
         self._cookie: Optional[str] = None
         self.timeout = timeout
-        self._idle: List[_Connection] = []
+        self._idle: List[Connection] = []
         self._lock = threading.Lock()
 
     @property
@@ -223,7 +179,7 @@ class Server:
         return self._endpoint.url
 
     def __repr__(self) -> str:
-        user = " user=%s" % self._credentials[0] if self._credentials else ""
+        user = " user=%s" % self._credentials.username if self._credentials else ""
         return "<Server %s%s idle=%d>" % (self.url, user, len(self._idle))
 
     def __enter__(self) -> "Server":
@@ -296,6 +252,11 @@ class Server:
         status, _, _ = self.raw_request("HEAD", "/" + quote_db_name(name))
         return status == 200
 
+    @property
+    def credentials(self) -> Optional[Tuple[str, str]]:
+        """``(user, password)`` in the clear, or ``None``: for code that must hand them on."""
+        return None if self._credentials is None else self._credentials.as_tuple()
+
     # -- requests -------------------------------------------------------------------------------
 
     def request(
@@ -337,81 +298,131 @@ class Server:
         headers: Iterable[Tuple[str, str]] = (),
         timeout: Union[float, None, str] = "default",
         raise_for_status: bool = True,
+        idempotent: Optional[bool] = None,
     ) -> Tuple[int, Response, bytes]:
         """Send one request and return ``(status, response head, body bytes)``.
 
         Like :meth:`request`, but the body is not decoded; a 4xx/5xx raises only when
-        ``raise_for_status`` is true (``HEAD`` requests never raise for 404).
+        ``raise_for_status`` is true (``HEAD`` requests never raise for 404). An error body is
+        cut at :data:`MAX_ERROR_BODY_BYTES`.
+
+        Args:
+            idempotent: whether the request may be sent again after a kept-alive connection
+                closed without answering it; by default, for every method but ``POST``. Pass
+                ``True`` for a ``POST`` that only reads (``_all_docs`` with ``keys``).
+
+        Raises:
+            ResponseTooLargeError: the body is over ``max_body_bytes``.
         """
-        target = self._endpoint.prefix + path
-        if params:
-            target += "?" + encode_query(params)
+        prepared = self.prepare_request(method, path, params=params, body=body, headers=headers)
         seconds = self.timeout if timeout == "default" else timeout
         assert seconds is None or isinstance(seconds, (int, float))
-        extra = list(headers)
-        if body is not None and not any(n.lower() == "content-type" for n, _ in extra):
-            extra.append(("Content-Type", "application/json"))
-        head, data = self._send(method, target, extra, body, seconds, retry_auth=self._session)
+        if idempotent is None:
+            idempotent = method in IDEMPOTENT_METHODS
+        head, data = self._exchange(prepared, seconds, idempotent)
+        if head.status_code == 401 and self._session and path != "/_session":
+            # The cookie may have expired: log in again, once.
+            logger.debug("%s: 401, renewing the session cookie", self.url)
+            self.expire_session()
+            self._login()
+            prepared = self.prepare_request(method, path, params=params, body=body, headers=headers)
+            head, data = self._exchange(prepared, seconds, idempotent)
         if head.status_code >= 400 and raise_for_status and method != "HEAD":
             raise http_error_from_body(head.status_code, data, method=method, url=self.url + path)
         return head.status_code, head, data
 
-    def _send(
+    def prepare_request(
         self,
         method: str,
-        target: str,
-        headers: List[Tuple[str, str]],
-        body: Optional[bytes],
-        timeout: Optional[float],
+        path: str,
         *,
-        retry_auth: bool,
-    ) -> Tuple[Response, bytes]:
-        request = serialize_request(
-            method,
-            target,
-            self._endpoint.host_header,
-            self.request_headers() + headers,
-            body,
-        )
-        head, data = self._exchange(method, request, timeout)
-        if head.status_code == 401 and retry_auth and target != self._endpoint.prefix + "/_session":
-            logger.debug("%s: 401, renewing the session cookie", self.url)
-            self.expire_session()
-            self._login()
-            return self._send(method, target, headers, body, timeout, retry_auth=False)
-        return head, data
+        params: Optional[Mapping[str, Any]] = None,
+        body: Optional[bytes] = None,
+        headers: Iterable[Tuple[str, str]] = (),
+    ) -> PreparedRequest:
+        """Build a request to this server, credentials included but hidden until it is sent.
+
+        For code that sends requests itself (a continuous feed): the headers of
+        :meth:`request_headers`, plus ``Content-Type: application/json`` with a body, plus
+        ``headers``. Send ``request.wire()`` straight to the socket without naming the bytes,
+        so that no frame's locals hold the ``Authorization`` header; ``request.cookie`` is the
+        session cookie sent, for :meth:`expire_session`. With ``session=True`` and no cookie
+        yet, this logs in first.
+
+        Raises:
+            ValueError: a name or value would break the message framing.
+            HTTPError, NetworkError: the session login failed.
+        """
+        target = self._endpoint.prefix + path
+        if params:
+            target += "?" + encode_query(params)
+        extra: List[Tuple[str, Union[str, Secret]]] = [
+            ("Accept", "application/json"),
+            ("Accept-Encoding", "identity"),
+            ("User-Agent", USER_AGENT),
+        ]
+        cookie: Optional[str] = None
+        if self._credentials is not None:
+            if self._session:
+                if self._cookie is None:
+                    self._login()
+                cookie = self._cookie or ""
+                extra.append(("Cookie", Secret(cookie)))
+            else:
+                extra.append(("Authorization", self._credentials.authorization()))
+        extra.extend(headers)
+        if body is not None and not any(n.lower() == "content-type" for n, _ in extra):
+            extra.append(("Content-Type", "application/json"))
+        request = PreparedRequest(method, target, self._endpoint.host_header, extra, body)
+        request.cookie = cookie
+        return request
 
     def _exchange(
-        self, method: str, request: bytes, timeout: Optional[float]
+        self, request: PreparedRequest, timeout: Optional[float], idempotent: bool
     ) -> Tuple[Response, bytes]:
         for attempt in (1, 2):
             connection = self._borrow(timeout)
             reused = connection.used
             try:
-                head, data = connection.exchange(method, request, timeout)
+                head, data, reusable = connection.exchange(
+                    request, timeout, self.max_body_bytes, MAX_ERROR_BODY_BYTES
+                )
             except BaseException:  # a failure, or Ctrl-C mid-request: the connection is spent
                 connection.close()
                 raise
             if head is None:
                 connection.close()
-                if reused and attempt == 1:
+                if reused and attempt == 1 and idempotent:
                     logger.debug("%s: pooled connection closed by the server; retrying", self.url)
                     continue
+                if reused:
+                    raise ReadError(
+                        "%s closed a kept-alive connection without answering %s %s; not sent "
+                        "again, as the server may have processed it"
+                        % (self.url, request.method, request.target)
+                    )
                 raise ReadError("%s closed the connection before answering" % self.url)
-            if head.keep_alive:
+            if reusable:
                 self._give_back(connection)
             else:
                 connection.close()
             return head, data
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _borrow(self, timeout: Optional[float]) -> _Connection:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return _Connection(self._endpoint, timeout)
+    def _borrow(self, timeout: Optional[float]) -> Connection:
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                connection = self._idle.pop()
+            if not connection.has_unread():
+                return connection
+            # Closed by the server meanwhile, or sent bytes nobody asked for: not reusable.
+            logger.debug("%s: dropping a pooled connection with unread data or EOF", self.url)
+            connection.close()
+        return Connection(self._endpoint, timeout)
 
-    def _give_back(self, connection: _Connection) -> None:
+    def _give_back(self, connection: Connection) -> None:
         with self._lock:
             if len(self._idle) < MAX_IDLE_CONNECTIONS:
                 self._idle.append(connection)
@@ -439,6 +450,9 @@ class Server:
     def request_headers(self) -> List[Tuple[str, str]]:
         """The headers every request carries: content negotiation, identity, credentials.
 
+        The credentials are in the clear here: prefer :meth:`prepare_request`, which keeps
+        them hidden until the request's bytes go to the socket.
+
         ``Accept: application/json`` because pouchdb-server answers ``text/plain`` without it;
         ``Accept-Encoding: identity`` because a gzipping server (pouchdb-server does) holds
         back feed data in its compressor for seconds.
@@ -454,21 +468,21 @@ class Server:
                     self._login()
                 headers.append(("Cookie", self._cookie or ""))
             else:
-                headers.append(("Authorization", basic_auth_value(*self._credentials)))
+                authorization = self._credentials.authorization().reveal()
+                headers.append(("Authorization", str(authorization)))
         return headers
 
     def _login(self) -> None:
         assert self._credentials is not None
-        name, password = self._credentials
-        body = json.dumps({"name": name, "password": password}).encode("utf-8")
-        request = serialize_request(
+        request = PreparedRequest(
             "POST",
             self._endpoint.prefix + "/_session",
             self._endpoint.host_header,
             [("Accept", "application/json"), ("Content-Type", "application/json")],
-            body,
+            self._credentials.session_body(),
         )
-        head, data = self._exchange("POST", request, self.timeout)
+        # Logging in twice creates nothing: safe to send again on a stale connection.
+        head, data = self._exchange(request, self.timeout, idempotent=True)
         if head.status_code >= 400:
             raise http_error_from_body(
                 head.status_code, data, method="POST", url=self.url + "/_session"
@@ -493,6 +507,20 @@ class Database:
     def __repr__(self) -> str:
         return "<Database %r at %s>" % (self.name, self.server.url)
 
+    def _doc_path(self, docid: str) -> str:
+        """The path of document ``docid``.
+
+        Raises:
+            ValueError: the id is empty (or a bare ``_design/`` or ``_local/``): its path would
+                be the database's own, so ``get("")`` would return the database's info and
+                ``delete_doc({"_id": ""...})`` would aim at the database itself.
+        """
+        if not isinstance(docid, str):
+            raise TypeError("a document id is a str, not %s" % type(docid).__name__)
+        if docid in ("", "_design/", "_local/"):
+            raise ValueError("a document id cannot be empty (got %r)" % docid)
+        return self.path + "/" + quote_doc_id(docid)
+
     def info(self) -> Dict[str, Json]:
         """``GET /db``: document count, update_seq and sizes."""
         return self.server.request("GET", self.path)  # type: ignore[no-any-return]
@@ -504,8 +532,7 @@ class Database:
             Conflict: ``doc["_rev"]`` is not the current revision.
         """
         if "_id" in doc:
-            path = self.path + "/" + quote_doc_id(doc["_id"])
-            result = self.server.request("PUT", path, body=doc)
+            result = self.server.request("PUT", self._doc_path(doc["_id"]), body=doc)
         else:
             result = self.server.request("POST", self.path, body=doc)
         doc["_id"] = result["id"]
@@ -518,12 +545,13 @@ class Database:
         Raises:
             NotFound: there is no such document (or it was deleted).
         """
-        path = self.path + "/" + quote_doc_id(docid)
-        return self.server.request("GET", path, params=params)  # type: ignore[no-any-return]
+        return self.server.request(  # type: ignore[no-any-return]
+            "GET", self._doc_path(docid), params=params
+        )
 
     def doc_exist(self, docid: str) -> bool:
         """Whether document ``docid`` exists (a ``HEAD`` request)."""
-        status, _, _ = self.server.raw_request("HEAD", self.path + "/" + quote_doc_id(docid))
+        status, _, _ = self.server.raw_request("HEAD", self._doc_path(docid))
         return status == 200
 
     def delete_doc(self, doc: Union[str, Dict[str, Json]]) -> Dict[str, Json]:
@@ -533,7 +561,7 @@ class Database:
         """
         if isinstance(doc, str):
             doc = self.get(doc)
-        path = self.path + "/" + quote_doc_id(doc["_id"])
+        path = self._doc_path(doc["_id"])
         result = self.server.request("DELETE", path, params={"rev": doc["_rev"]})
         if isinstance(doc, dict):
             doc["_rev"] = result["rev"]

@@ -31,6 +31,7 @@ __all__ = [
     "CallbackError",
     "CheckpointError",
     "ResourceLimitError",
+    "ResponseTooLargeError",
 ]
 
 
@@ -43,6 +44,30 @@ class ChangeloopError(Exception):
 
 class ProtocolError(ChangeloopError):
     """The peer sent bytes that are not valid HTTP/1.1 (RFC 9112), or ended a message early."""
+
+
+class ResponseTooLargeError(ChangeloopError):
+    """A one-shot answer's body is larger than the client accepts (``Server(max_body_bytes=)``).
+
+    Raised as soon as a ``Content-Length`` announces more, before any of the body is read, or
+    once more was received; the connection is closed. Not a :class:`ResourceLimitError` (about
+    file descriptors, and retried): asking again would get the same answer. Page the request
+    (``limit=``) or raise the limit.
+
+    Attributes:
+        limit: the limit that was exceeded, in bytes.
+    """
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_too_large, (str(self), self.limit))
+
+
+def _rebuild_too_large(message: str, limit: int) -> "ResponseTooLargeError":
+    return ResponseTooLargeError(message, limit=limit)
 
 
 class FeedError(ChangeloopError):

@@ -602,3 +602,55 @@ def test_chunk_size_line_arriving_before_its_data() -> None:
     parser.receive_data(b"lo\r\n0\r\n\r\n")
     assert parser.next_event() == Data(b"lo")
     assert parser.next_event() == EndOfMessage()
+
+
+# -- control characters in field values (RFC 9110 §5.5; issue 16) ---------------------------------
+
+
+def assert_rejected_whole_and_bytewise(raw: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        feed([raw])
+    with pytest.raises(ProtocolError, match=message):
+        feed([raw[i : i + 1] for i in range(len(raw))])
+
+
+# Every byte RFC 9110 §5.5 keeps out of a field value (VCHAR, obs-text, SP and HTAB are allowed).
+CONTROL_BYTES = [bytes([c]) for c in list(range(0x00, 0x09)) + list(range(0x0B, 0x20)) + [0x7F]]
+
+
+@pytest.mark.parametrize("control", CONTROL_BYTES, ids=lambda b: "0x%02x" % b[0])
+def test_control_characters_in_header_values_are_rejected(control: bytes) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nX-A: a" + control + b"b\r\nContent-Length: 0\r\n\r\n"
+    assert_rejected_whole_and_bytewise(raw, "(?i)control character in header 'x-a'")
+
+
+@pytest.mark.parametrize("control", CONTROL_BYTES, ids=lambda b: "0x%02x" % b[0])
+def test_control_characters_in_obs_fold_continuations_are_rejected(control: bytes) -> None:
+    # The continuation line was appended unchecked: a NUL or CR smuggled in after a fold passed.
+    raw = b"HTTP/1.1 200 OK\r\nX-A: one\r\n  t" + control + b"wo\r\nContent-Length: 0\r\n\r\n"
+    assert_rejected_whole_and_bytewise(raw, "(?i)control character in header 'x-a'")
+
+
+@pytest.mark.parametrize("control", [b"\x00", b"\x1b", b"\x7f", b"\r"], ids=repr)
+def test_control_characters_in_trailers_and_reason_phrases_are_rejected(control: bytes) -> None:
+    trailer = CHUNKED_HEAD + chunk(b"x") + b"0\r\nX-T: a" + control + b"\r\n\r\n"
+    assert_rejected_whole_and_bytewise(trailer, "control character in trailer")
+    folded = CHUNKED_HEAD + chunk(b"x") + b"0\r\nX-T: a\r\n\tb" + control + b"\r\n\r\n"
+    assert_rejected_whole_and_bytewise(folded, "control character in trailer")
+    reason = b"HTTP/1.1 200 O" + control + b"K\r\nContent-Length: 0\r\n\r\n"
+    assert_rejected_whole_and_bytewise(reason, "control character in status line")
+
+
+def test_tabs_spaces_and_obs_text_in_values_are_accepted() -> None:
+    raw = (
+        b"HTTP/1.1 200 D\xe9j\xe0 vu\r\nX-A: a\tb c\r\nX-B: caf\xe9 \xff\r\n"
+        b"X-C: one\r\n\ttwo\xe9\r\nContent-Length: 0\r\n\r\n"
+    )
+    head = three_ways(raw)[0]
+    assert isinstance(head, Response)
+    assert head.reason == b"D\xe9j\xe0 vu"
+    assert head.headers[:3] == [
+        (b"x-a", b"a\tb c"),
+        (b"x-b", b"caf\xe9 \xff"),
+        (b"x-c", b"one two\xe9"),
+    ]

@@ -46,6 +46,7 @@ LAYERS: Dict[str, int] = {
     # one streaming _changes request on a non-blocking connection: parser + decoder + transport;
     # knows no loop, timers or callbacks
     "_stream": 4,
+    "_connection": 4,  # the blocking client's connection: parser + serializer + transport
     "loop": 4,
     "client": 5,
     "_wheel": 5,  # deadlines for many objects on one loop timer (the consumers' watchdogs)
