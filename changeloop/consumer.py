@@ -47,10 +47,9 @@ from ._params import (
     heartbeat_seconds,
     silence_allowance,
 )
-from ._request import serialize_request
 from ._stream import FeedStream
 from ._transport import NonBlockingConnection
-from .client import Database, encode_query
+from .client import Database
 from .errors import HTTPError
 from .loop import Loop
 
@@ -529,21 +528,19 @@ class Consumer(_Follow):
             if self._limit is not None:  # what is left of it: the limit spans reconnections
                 params = dict(params, limit=max(0, self._limit - self.delivered))
             request = self._request("continuous", self._since, params)
-        target = endpoint.prefix + request.path + "?" + encode_query(request.query)
-        self._sent_cookie = None  # until the headers are there: a refused login sends none
-        headers = server.request_headers()
-        self._sent_cookie = next((v for k, v in headers if k == "Cookie"), None)
-        if request.body is not None:
-            headers.append(("Content-Type", "application/json"))
-        data = serialize_request(
-            request.method, target, endpoint.host_header, headers, request.body
+        self._sent_cookie = None  # until the request is built: a refused login sends none
+        # Credentials stay hidden in the prepared request until wire() writes them into the
+        # stream's bytes: no frame's locals hold them should anything here raise.
+        prepared = server.prepare_request(
+            request.method, request.path, params=request.query, body=request.body
         )
+        self._sent_cookie = prepared.cookie
         connection = self._connect_with(
             endpoint.host, endpoint.port, ssl_context=endpoint.ssl_context
         )
         return FeedStream(
             connection,
-            data,
+            prepared.wire(),
             server.url + request.path,
             max_line_bytes=self.max_line_bytes,
             method=request.method,
