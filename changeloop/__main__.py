@@ -8,6 +8,11 @@ lifecycle callbacks turn reconnections and errors into one stderr line each and 
 code; the library's own log, which would say the same things, is muted unless ``-v`` asks for it.
 SIGINT and SIGTERM only ask the loop to stop (stopping saves the checkpoints); outside the loop
 they interrupt.
+
+A closed stdout (``| head -1``) is noticed by the next write (``BrokenPipeError``), or on a quiet
+feed by a check of the descriptor every :data:`STDOUT_CHECK_EVERY_S` (a ``poll()`` for an error
+on a pipe): either way the command stops cleanly. The checkpoint records what was *written* to
+stdout, not what the reader consumed: lines left unread in a pipe count as delivered.
 """
 
 import argparse
@@ -17,34 +22,75 @@ import json
 import logging
 import netrc
 import os
+import select
 import signal
+import stat
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 from . import _transport
+from ._params import changes_request
 from ._version import __version__
 from .checkpoint import FileCheckpoint
 from .client import Database, Server
 from .consumer import Consumer, FeedEvent
-from .errors import CallbackError, ChangeloopError, NetworkError, NotFound, TLSError, Unauthorized
+from .errors import (
+    CallbackError,
+    ChangeloopError,
+    CheckpointError,
+    NetworkError,
+    NotFound,
+    TLSError,
+    Unauthorized,
+)
 from .loop import Loop
-from .watcher import DatabaseWatcher
+from .watcher import POLL_INTERVAL_S, DatabaseWatcher, DropEvent
 
 __all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_FATAL", "EXIT_GAVE_UP", "EXIT_INTERRUPTED"]
 
 LOG = logging.getLogger("changeloop.cli")  # named explicitly: under `python -m` it is __main__
 
+# Ctrl-C while following is how a follow-forever command is meant to end: every feed stops and
+# checkpoints, so it is a clean stop (0), and `changeloop ... && next` goes on. 130 is kept for
+# an interruption that lost work: before following began, a one-shot request, a second signal.
 EXIT_OK = 0  # stopped cleanly: --limit, a one-shot feed printed, Ctrl-C/SIGTERM while following
 EXIT_USAGE = 2  # argparse's code for a bad command line
-EXIT_FATAL = 3  # the server refused (4xx), TLS failed, the checkpoint file is unreadable
+EXIT_FATAL = 3  # the server refused (4xx), TLS failed, the checkpoint cannot be read or written
 EXIT_GAVE_UP = 4  # the network (or 5xx) kept failing past --max-retries; a one-shot request failed
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT: interrupted before following, or forced
 
 #: Seconds between redraws of the terminal's progress line: often enough to look alive.
 PROGRESS_EVERY_S = 0.25
+#: Seconds between checks that stdout (a pipe) still has a reader, when nothing is written: a
+#: `| head -1` on a quiet feed ends within this, at the cost of one poll() call.
+STDOUT_CHECK_EVERY_S = 0.5
+
+#: ``_changes`` parameters that have their own option: ``--param`` refuses them.
+OWN_OPTIONS = {
+    "since": "--since",
+    "feed": "--feed",
+    "filter": "--filter",
+    "filter_name": "--filter",
+    "doc_ids": "--doc-id",
+    "selector": "--selector",
+    "include_docs": "--include-docs",
+    "style": "--style",
+    "heartbeat": "--heartbeat",
+}
+#: The type CouchDB expects for the ``_changes`` parameters a ``--param`` may set.
+PARAM_TYPES: Dict[str, type] = {
+    "limit": int,
+    "timeout": int,
+    "seq_interval": int,
+    "descending": bool,
+    "conflicts": bool,
+    "attachments": bool,
+    "att_encoding_info": bool,
+}
 
 EPILOG = """\
 examples:
@@ -69,10 +115,20 @@ exit codes:
   0    stopped cleanly: --limit reached, a normal/longpoll feed printed, or Ctrl-C/SIGTERM while
        following (every feed stopped, the last seq checkpointed)
   2    bad command line or URL
-  3    the server refused (400, 401, 403, 404...), TLS or certificate failure, bad checkpoint
+  3    the server refused (400, 401, 403, 404...), TLS or certificate failure, or the
+       --checkpoint file cannot be read or written (checked before the first change is printed)
   4    gave up: a feed still failed after --max-retries retries (unreachable server, 5xx), or a
        normal/longpoll request (or --all-dbs' database list) failed on the network
-  130  interrupted before following began, during a one-shot request, or by a second signal"""
+  130  interrupted before following began, during a one-shot request, or by a second signal
+
+piped output: a closed stdout (`| head -1`) stops the command cleanly (0) within a second,
+even on a quiet feed. The checkpoint records the changes written to stdout, not those the reader
+consumed: lines left unread in the pipe count as delivered.
+
+with --all-dbs, a database deleted while followed is dropped with a warning, and followed again
+from its beginning if it is re-created; any other failure of one database (refused, a line over
+the limit) is fatal (exit 3), as for a URL given. --since now means from the command's start:
+a database created afterwards is followed from its first change."""
 
 # One row per option, in --help order: (flags, argparse keyword arguments). A table reads best
 # aligned, so the formatter leaves it alone.
@@ -86,7 +142,8 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any]]] = [
         "and exits; longpoll waits for the next ones (one database), prints them and exits"}),
     (("--filter",), {"metavar": "DDOC/NAME", "help": "only what this filter function lets pass"}),
     (("--param",), {"action": "append", "default": [], "metavar": "K=V",
-        "help": "a parameter for --filter, in its req.query (repeatable)"}),
+        "help": "a parameter for --filter, in its req.query (repeatable); V is JSON when it "
+        "parses (2, true, [1,2]), else text; one with its own option (--since...) is refused"}),
     (("--doc-id",), {"action": "append", "dest": "doc_ids", "metavar": "ID",
         "help": "only this document (repeatable)"}),
     (("--selector",), {"metavar": "JSON", "help": "only documents matching this Mango selector"}),
@@ -103,6 +160,9 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any]]] = [
         "server's databases matching the glob PATTERN (default: all but _system ones) and "
         "new ones"}),
     (("--shard",), {"metavar": "I/N", "help": "with --all-dbs: only shard I of N (0 <= I < N)"}),
+    (("--poll-interval",), {"type": float, "default": POLL_INTERVAL_S, "metavar": "S",
+        "help": "with --all-dbs on a server without _db_updates: seconds between _all_dbs "
+        "polls (default %.0f)" % POLL_INTERVAL_S}),
     (("--max-retries",), {"type": int, "default": 0, "metavar": "N", "help": "retry a failing "
         "feed N times in a row, then give up (exit 4); 0 (the default) retries forever"}),
     (("--cacert",), {"metavar": "FILE", "help": "trust the CA certificates in FILE (PEM)"}),
@@ -200,7 +260,9 @@ def feed_params(args: argparse.Namespace) -> Dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageError("--param takes K=V, not %r" % pair)
-        params[key] = value
+        if key in OWN_OPTIONS:
+            raise UsageError("--param %s: use %s instead" % (key, OWN_OPTIONS[key]))
+        params[key] = param_value(key, value)
     if args.selector is not None:
         try:
             params["selector"] = json.loads(args.selector)
@@ -214,7 +276,28 @@ def feed_params(args: argparse.Namespace) -> Dict[str, Any]:
         params["heartbeat"] = args.heartbeat
     if args.include_docs:
         params["include_docs"] = True
+    try:  # what the library would refuse later, refused now as a usage error
+        changes_request("/db", "continuous", 0, params)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
     return params
+
+
+def param_value(key: str, text: str) -> Any:
+    """A ``--param`` value: JSON when it parses (``2``, ``true``, ``[1,2]``, ``"text"``), else the
+    text; checked against the type CouchDB expects for the parameters it knows."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    if value is None:
+        raise UsageError("--param %s: null is not a value (leave the parameter out)" % key)
+    expected = PARAM_TYPES.get(key)
+    if expected is int and (type(value) is not int or value < 0):
+        raise UsageError("--param %s takes a whole number, not %r" % (key, text))
+    if expected is bool and type(value) is not bool:
+        raise UsageError("--param %s takes true or false, not %r" % (key, text))
+    return value
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -234,6 +317,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError("--%s must be at least 1" % name)
     if args.max_retries < 0:
         raise UsageError("--max-retries must be 0 (forever) or more")
+    if not args.poll_interval > 0:
+        raise UsageError("--poll-interval must be more than 0")
     if args.shard is not None:
         if args.all_dbs is None:
             raise UsageError("--shard is for --all-dbs")
@@ -247,51 +332,122 @@ def check_args(args: argparse.Namespace) -> None:
 
 class Progress:
     """The catching-up line on a terminal's stderr: changes so far, those still pending (when
-    the servers report ``pending``) and the rate, redrawn as changes arrive (at most every
-    :data:`PROGRESS_EVERY_S`) until every feed has caught up.
+    the servers report ``pending``) and the rate, redrawn every :data:`PROGRESS_EVERY_S` (by
+    :meth:`tick`, on a timer) until every feed has caught up; then one "caught up" line.
+
+    A feed has caught up when it says so (``on_caught_up``: its first heartbeat), or at once
+    when it has delivered the ``pending`` changes its server counted at the start (CouchDB 2+).
 
     Args:
         consumers: the feeds to wait for.
-        pending: how many changes the servers said were pending when the feeds started, or
-            ``None`` when one of them does not say (pouchdb-server, CouchDB 1.x).
+        pending: how many changes each consumer's server said were pending when the feeds
+            started (by ``id`` of the consumer), or ``None`` when one of them does not say
+            (pouchdb-server, CouchDB 1.x).
     """
 
-    def __init__(self, consumers: List[Consumer], pending: Optional[int] = None) -> None:
-        self.waiting = {id(consumer) for consumer in consumers}
+    def __init__(self, consumers: List[Consumer], pending: Optional[Dict[int, int]] = None) -> None:
+        self.consumers = {id(consumer): consumer for consumer in consumers}
+        self.waiting = set(self.consumers)
         self.pending = pending
         self.rows = 0
-        self.started = self.drawn = time.monotonic()
+        self.started = time.monotonic()
         self.shown = False
+        self.done = False
 
     def count(self, rows: int = 1) -> None:
         self.rows += rows
-        now = time.monotonic()
-        if self.waiting and now - self.drawn >= PROGRESS_EVERY_S:
-            self.draw(now)
+
+    def tick(self) -> bool:
+        """Redraw, or say caught up; return whether to go on ticking."""
+        if self.pending is not None:
+            for key in list(self.waiting):
+                if self.consumers[key].delivered >= self.pending.get(key, 0):
+                    self.waiting.discard(key)
+        if not self.waiting:
+            self.finish()
+            return False
+        self.draw(time.monotonic())
+        return True
 
     def line(self, now: float) -> str:
         """The progress line's text."""
         text = "catching up: %d changes" % self.rows
         if self.pending is not None:  # changes made meanwhile come on top: never below 0
-            text += ", %d pending" % max(0, self.pending - self.rows)
+            text += ", %d pending" % max(0, sum(self.pending.values()) - self.rows)
         return text + ", %.0f/s" % (self.rows / max(now - self.started, 1e-9))
 
     def draw(self, now: float) -> None:
         # \r: back to the line's start; ESC [K: erase what a longer line left there
         sys.stderr.write("\r%s\x1b[K" % self.line(now))
         sys.stderr.flush()
-        self.drawn, self.shown = now, True
+        self.shown = True
 
     def caught_up(self, consumer: Consumer) -> None:
         self.waiting.discard(id(consumer))
         if not self.waiting:
-            self.clear()
+            self.finish()
+
+    def finish(self) -> None:
+        """Every feed has caught up: say so, once."""
+        if self.done:
+            return
+        self.done = True
+        self.waiting.clear()
+        elapsed = time.monotonic() - self.started
+        sys.stderr.write("\rcaught up: %d changes in %.1f s\x1b[K\n" % (self.rows, elapsed))
+        sys.stderr.flush()
+        self.shown = False
 
     def clear(self) -> None:
         if self.shown:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
             self.shown = False
+
+
+class RecordingCheckpoint(FileCheckpoint):
+    """The command's checkpoint file: a save that fails is recorded, so that a failure in the
+    library's stop (which only logs it) still makes the command fail (exit 3)."""
+
+    failures: List[CheckpointError] = []
+
+    def save(self, seq: Any) -> None:
+        try:
+            super().save(seq)
+        except CheckpointError as exc:
+            self.failures.append(exc)
+            raise
+
+
+def check_checkpoint(path: str) -> None:
+    """Fail before anything is printed if ``path`` cannot be read or written.
+
+    Raises:
+        CheckpointError: the file is not a checkpoint, or its directory takes no new file (a
+            save writes a temporary file there and renames it over the checkpoint).
+    """
+    FileCheckpoint(path).load()  # raises for an unreadable or foreign file
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".checkpoint-probe-", dir=directory)
+    except OSError as exc:
+        raise CheckpointError("cannot write checkpoint %s: %s" % (path, exc.strerror)) from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader went away (``| head -1`` is done)."""
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode) or not hasattr(select, "poll"):
+            return False  # a file or a terminal has no reader to lose; Windows has no poll()
+        poller = select.poll()
+        poller.register(fd, 0)  # no events asked for: errors and hang-ups are always reported
+        # Two tests, not one mask: vermin reads `a | b` of two attributes as a 3.10 union type.
+        return any(event & select.POLLERR or event & select.POLLHUP for _, event in poller.poll(0))
+    except (OSError, ValueError):  # no descriptor (a test's capture): nothing to watch
+        return False
 
 
 class StderrHandler(logging.Handler):
@@ -366,6 +522,7 @@ class Command:
         self.exit_code = EXIT_OK
         self.following = False
         self.stop_asked = False
+        self.stopped = False
 
     def close(self) -> None:
         self.stop()
@@ -376,7 +533,8 @@ class Command:
     def store(self, db: Database) -> Optional[FileCheckpoint]:
         if self.args.checkpoint is None:
             return None
-        return FileCheckpoint(self.args.checkpoint, key=db.server.url + "/" + quote(db.name, ""))
+        key = db.server.url + "/" + quote(db.name, "")
+        return RecordingCheckpoint(self.args.checkpoint, key=key)
 
     def emit(self, name: str, change: Dict[str, Any]) -> None:
         """Print a change: the consumers' callback."""
@@ -417,6 +575,9 @@ class Command:
             self.stop()
 
     def run(self) -> int:
+        if self.args.checkpoint is not None:
+            check_checkpoint(self.args.checkpoint)
+        RecordingCheckpoint.failures = []
         if self.args.feed != "continuous":
             return self.one_shot()
         options: Dict[str, Any] = {
@@ -438,8 +599,10 @@ class Command:
                 shard=self.args.shard,
                 checkpoint=self.store,
                 since=self.since,
+                poll_interval=self.args.poll_interval,
                 params=self.params,
                 consumer_options=options,
+                on_drop=self.on_drop,
             )
             self.watcher.start()
         for server, name in self.targets if self.watcher is None else []:
@@ -456,6 +619,8 @@ class Command:
             watched = list(self.watcher.consumers.values()) if self.watcher is not None else []
             pending = self.pending() if self.watcher is None else None
             self.progress = self.handler.progress = Progress(self.consumers + watched, pending)
+            self.loop.call_soon(self.redraw)
+        self.loop.call_later(STDOUT_CHECK_EVERY_S, self.check_stdout)
         self.following = True
         try:
             self.loop.run()
@@ -465,20 +630,46 @@ class Command:
             consumer, seq = self.cut
             if consumer.checkpoint is not None and seq is not None:
                 consumer.checkpoint.save(seq)
+        if RecordingCheckpoint.failures and self.exit_code == EXIT_OK:
+            self.exit_code = EXIT_FATAL  # a save on stop failed: the library only logged it
+            LOG.error("%s", RecordingCheckpoint.failures[-1])
         return self.exit_code
 
-    def pending(self) -> Optional[int]:
-        """How many changes wait for the consumers, if the servers say (for the progress line).
+    def feeding(self) -> bool:
+        """Whether a feed still runs (the watcher runs until stopped)."""
+        if self.watcher is not None:
+            return not self.stopped
+        return any(consumer.running for consumer in self.consumers)
+
+    def redraw(self) -> None:
+        """The progress line's timer: redraw until every feed has caught up."""
+        if self.progress is not None and self.feeding() and self.progress.tick():
+            self.loop.call_later(PROGRESS_EVERY_S, self.redraw)
+
+    def check_stdout(self) -> None:
+        """The closed-pipe timer: a quiet feed writes nothing that could fail, so look."""
+        if not self.feeding():
+            return  # a timer of its own must not keep the loop running when the feeds are done
+        if stdout_closed():
+            quiet_stdout()  # the reader went away (`| head`): a clean stop
+            self.stop()
+            return
+        self.loop.call_later(STDOUT_CHECK_EVERY_S, self.check_stdout)
+
+    def pending(self) -> Optional[Dict[int, int]]:
+        """How many changes wait for each consumer (by ``id``), if the servers say (for the
+        progress line).
 
         One ``limit=0`` request per database: CouchDB 2+ answers with the count in ``pending``
         and no rows. Only asked on a terminal, before following.
         """
-        total = 0
+        counts: Dict[int, int] = {}
         # limit=0 below; a filter's own --param since/limit would clash with fetch()'s.
         params = {k: v for k, v in self.params.items() if k not in ("heartbeat", "limit", "since")}
         for consumer in self.consumers:
             if consumer.last_seq == "now":
-                continue  # nothing is pending before now
+                counts[id(consumer)] = 0  # nothing is pending before now
+                continue
             try:
                 answer = consumer.fetch(consumer.last_seq, limit=0, **params)
             except ChangeloopError as exc:  # the feed itself will say what is wrong
@@ -486,8 +677,8 @@ class Command:
                 return None
             if not isinstance(answer.get("pending"), int):
                 return None
-            total += answer["pending"]
-        return total
+            counts[id(consumer)] = answer["pending"]
+        return counts
 
     def one_shot(self) -> int:
         """``--feed normal`` or ``longpoll``: print one answer per database, save, exit."""
@@ -529,6 +720,7 @@ class Command:
 
     def stop(self) -> None:
         """Stop every feed (each saves its checkpoint) and the loop. The loop's thread only."""
+        self.stopped = True
         if self.watcher is not None:
             self.watcher.stop()
         for consumer in self.consumers:
@@ -559,6 +751,8 @@ class Command:
         if isinstance(error, CallbackError) and isinstance(error.__cause__, BrokenPipeError):
             quiet_stdout()  # the reader went away (`| head`): a clean stop
             self.stop()
+        elif isinstance(error, CheckpointError):  # retrying would print the same changes again
+            self.fail(EXIT_FATAL, "%s: %s" % (name, error))
         elif event.will_retry:
             count = self.failures[name] = self.failures.get(name, 0) + 1
             if self.args.max_retries and count > self.args.max_retries:
@@ -567,9 +761,16 @@ class Command:
             else:
                 LOG.warning("%s: %s; retrying in %.2f s", name, error, event.retry_in or 0.0)
         elif self.watcher is not None and isinstance(error, NotFound):
-            LOG.warning("%s: %s; no longer following it", name, error)
+            pass  # deleted: on_drop says it
         elif error is not None:
             self.fail(exit_code(error), "%s: %s%s" % (name, error, hint(error)))
+
+    def on_drop(self, event: DropEvent) -> None:
+        if isinstance(event.error, NotFound):
+            LOG.warning("%s: deleted; followed again if it is re-created", event.name)
+        elif not isinstance(event.error, ChangeloopError) or event.consumer is None:
+            # a consumer that could not start (its checkpoint) is fatal, as for a URL given
+            self.fail(exit_code(event.error), "%s: %s" % (event.name, event.error))
 
     def on_connect(self, event: FeedEvent) -> None:
         name = event.consumer.db.name

@@ -26,7 +26,7 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, 
 import pytest
 import trustme
 from conftest import CouchAdmin
-from couch3 import chunk, feed, normal_since_now, rows, seq
+from couch3 import COUCH_HEAD, chunk, feed, normal_since_now, rows, seq
 from scripted import Pause, Read, ScriptedServer, Send, Stall
 from testserver import server_url_from_env, start_server
 
@@ -234,6 +234,17 @@ def test_help_has_examples_and_exit_codes(env: Dict[str, str], tmp_path: Path) -
         (["--all-dbs", "x", "http://h", "http://i"], "exactly one server URL"),
         (["--shard", "0/2", "http://h/db"], "--shard is for --all-dbs"),
         (["--insecure", "--cacert", "ca.pem", "https://h/db"], "not both"),
+        (["--filter", "d/f", "--param", "since=5", "http://h/db"], "since: use --since"),
+        (["--filter", "d/f", "--param", "heartbeat=abc", "http://h/db"], "use --heartbeat"),
+        (["--filter", "d/f", "--param", "feed=normal", "http://h/db"], "use --feed"),
+        (["--filter", "d/f", "--param", "doc_ids=[1]", "http://h/db"], "use --doc-id"),
+        (["--filter", "d/f", "--param", "filter=x/y", "http://h/db"], "use --filter"),
+        (["--filter", "d/f", "--param", "limit=two", "http://h/db"], "limit takes a whole"),
+        (["--filter", "d/f", "--param", "limit=-1", "http://h/db"], "limit takes a whole"),
+        (["--filter", "d/f", "--param", "descending=1", "http://h/db"], "true or false"),
+        (["--filter", "d/f", "--param", "k=null", "http://h/db"], "null is not a value"),
+        (["--filter", "d/f", "--param", "view=a/b", "http://h/db"], "choose one filter"),
+        (["--all-dbs", "--poll-interval", "0", "http://h"], "--poll-interval must be"),
     ],
 )
 def test_usage_errors(start: Start, args: List[str], message: str) -> None:
@@ -241,6 +252,66 @@ def test_usage_errors(start: Start, args: List[str], message: str) -> None:
     assert code == 2 and out == []
     assert message in err.splitlines()[-1] and err.splitlines()[-1].startswith("changeloop: error:")
     assert "hunter2" not in err and "Traceback" not in err
+
+
+def test_param_values_are_typed() -> None:
+    from changeloop.__main__ import build_parser, check_args, feed_params
+
+    pairs = ["limit=2", "kind=x", "flag=true", "ids=[1,2]", 'n="5"', "seq_interval=10"]
+    argv = ["--filter", "app/f"] + [a for pair in pairs for a in ("--param", pair)]
+    args = build_parser().parse_args(argv + ["http://h/db"])
+    check_args(args)
+    assert feed_params(args) == {
+        "filter_name": "app/f",
+        "limit": 2,
+        "kind": "x",
+        "flag": True,
+        "ids": [1, 2],
+        "n": "5",
+        "seq_interval": 10,
+    }
+
+
+def entries(text: str, head: str) -> Dict[int, str]:
+    """The items of a list whose items start with ``head`` (a code), continuation lines joined."""
+    found: Dict[int, str] = {}
+    code = None
+    for line in text.splitlines():
+        match = re.match(head, line)
+        if match:
+            code = int(match.group(1))
+            found[code] = line[match.end() :]
+        elif code is not None and line.startswith("  "):
+            found[code] += " " + line.strip()
+        else:
+            code = None
+    return found
+
+
+def test_help_and_readme_agree_on_every_exit_code(env: Dict[str, str], tmp_path: Path) -> None:
+    from changeloop import __main__ as cli
+
+    help_text = subprocess.run(
+        [sys.executable, "-m", "changeloop", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=EXIT_TIMEOUT_S,
+    ).stdout
+    section = help_text.split("exit codes:\n", 1)[1].split("\n\n", 1)[0]
+    in_help = entries(section, r"  (\d+)\s+")
+    readme = (Path(PACKAGE_PARENT) / "README.md").read_text(encoding="utf-8")
+    if "## The command line" not in readme:
+        pytest.skip("no README beside this changeloop (an installed wheel)")
+    cli_section = readme.split("## The command line", 1)[1].split("\n## ", 1)[0]
+    in_readme = entries(cli_section.split("Exit codes", 1)[1], r"- (\d+): ")
+    codes = {cli.EXIT_OK, cli.EXIT_USAGE, cli.EXIT_FATAL, cli.EXIT_GAVE_UP, cli.EXIT_INTERRUPTED}
+    assert set(in_help) == set(in_readme) == codes
+    # Ctrl-C while following is a clean stop (the test of signals below checks the 0).
+    for texts in (in_help, in_readme):
+        assert "Ctrl-C" in texts[0] and "Ctrl-C" not in texts[130]
+        assert "before following" in texts[130] and "checkpoint" in texts[3]
 
 
 # -- following -----------------------------------------------------------------------------------
@@ -305,6 +376,11 @@ def test_filters(start: Start, couchdb_url: str, couchdb_admin: CouchAdmin, db: 
     assert ids(run(start, "--selector", '{"kind": "y"}', *normal)[1]) == ["y1"]
     code, out, _ = run(start, "--filter", "app/by_kind", "--param", "kind=x", "--limit", "2", url)
     assert (code, ids(out)) == (0, ["x1", "x2"])
+    # The server's own limit, as a number: the feed stops after one change and the command ends.
+    code, out, err = run(
+        start, "--filter", "app/by_kind", "--param", "kind=x", "--param", "limit=1", url
+    )
+    assert (code, ids(out), err) == (0, ["x1"], "")
 
 
 def test_feed_normal_prints_and_exits(
@@ -357,6 +433,34 @@ def test_checkpoint_resumes_with_nothing_lost_or_repeated(
     assert (code, third) == (0, [])  # the one-shot feed resumes from the same checkpoint
 
 
+@pytest.mark.parametrize("feed", ["continuous", "normal"])
+def test_an_unwritable_checkpoint_is_fatal_before_any_change(
+    start: Start, couchdb_url: str, couchdb_admin: CouchAdmin, db: str, tmp_path: Path, feed: str
+) -> None:
+    put(couchdb_admin, db, "a", "b", "c")
+    checkpoint = str(tmp_path / "no-such-dir" / "seqs.json")
+    args = ("--feed", feed, "--limit", "2", "--checkpoint", checkpoint, couchdb_url + "/" + db)
+    code, out, err = run(start, *args)
+    assert (code, out) == (3, [])
+    assert err.startswith("changeloop: error: cannot write checkpoint %s" % checkpoint)
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_checkpoint_that_fails_while_following_is_fatal(
+    start: Start, couchdb_url: str, couchdb_admin: CouchAdmin, db: str, tmp_path: Path
+) -> None:
+    directory = tmp_path / "seqs"
+    directory.mkdir()
+    put(couchdb_admin, db, "a")
+    cli = start("--limit", "3", "--checkpoint", str(directory / "x.json"), couchdb_url + "/" + db)
+    assert ids(cli.lines(1)) == ["a"]
+    directory.rmdir()  # nothing saved yet (every 100 changes or 5 s): the stop's save fails
+    put(couchdb_admin, db, "b", "c")
+    code, rest, err = cli.finish()
+    assert (code, ids(rest)) == (3, ["b", "c"])
+    assert err.startswith("changeloop: error: cannot write checkpoint") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_cleanly_and_checkpoints(
     start: Start,
@@ -399,6 +503,28 @@ def test_all_dbs_with_pattern_and_shard(
     assert (code, sorted(c["db"] for c in out)) == (0, shard)
 
 
+def test_all_dbs_since_now_follows_a_database_created_later_from_its_start(
+    start: Start, couchdb_url: str, couchdb_admin: CouchAdmin
+) -> None:
+    prefix = "cli-%s-" % uuid.uuid4().hex[:8]
+    couchdb_admin.put_db(prefix + "old")
+    put(couchdb_admin, prefix + "old", "before")
+    args = ("-v", "--all-dbs", prefix + "*", "--since", "now", "--poll-interval", "0.2")
+    cli = start(*args, couchdb_url)
+    cli.wait_stderr("polling _all_dbs")  # pouchdb-server: the first listing is done
+    couchdb_admin.put_db(prefix + "new")
+    put(couchdb_admin, prefix + "new", "welcome", "profile")
+    first = cli.lines(2)
+    put(couchdb_admin, prefix + "new", "later")
+    assert [(c["db"], c["id"]) for c in first + cli.lines(1)] == [
+        (prefix + "new", "welcome"),
+        (prefix + "new", "profile"),
+        (prefix + "new", "later"),
+    ]
+    cli.process.send_signal(signal.SIGINT)
+    assert cli.finish()[:2] == (0, [])
+
+
 def test_a_closed_pipe_stops_quietly(
     env: Dict[str, str], tmp_path: Path, couchdb_url: str, couchdb_admin: CouchAdmin, db: str
 ) -> None:
@@ -420,6 +546,42 @@ def test_a_closed_pipe_stops_quietly(
         put(couchdb_admin, db, "b")  # the next line meets the closed pipe
         _, err = process.communicate(timeout=EXIT_TIMEOUT_S)
         assert (process.returncode, err) == (0, b"")
+    finally:
+        if read_end >= 0:
+            os.close(read_end)
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_a_closed_pipe_on_a_quiet_feed_is_noticed_within_seconds(
+    env: Dict[str, str], tmp_path: Path, couchdb_url: str, couchdb_admin: CouchAdmin, db: str
+) -> None:
+    # `changeloop ... | head -1` on a feed that goes quiet: nothing more is written, so no write
+    # can fail; the command still sees the reader go and stops. The checkpoint holds what was
+    # written to the pipe (here all of it was read).
+    put(couchdb_admin, db, "a")
+    checkpoint = tmp_path / "seqs.json"
+    url = couchdb_url + "/" + db
+    read_end, write_end = os.pipe()
+    process = subprocess.Popen(
+        [sys.executable, "-W", "error", "-m", "changeloop", "--checkpoint", str(checkpoint), url],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=str(tmp_path),
+    )
+    os.close(write_end)
+    try:
+        assert select.select([read_end], [], [], READ_TIMEOUT_S)[0]
+        line = os.read(read_end, 4096)
+        os.close(read_end)  # `| head -1` is done; the feed stays quiet
+        read_end = -1
+        closed = time.monotonic()
+        _, err = process.communicate(timeout=EXIT_TIMEOUT_S)
+        assert (process.returncode, err) == (0, b"")
+        assert time.monotonic() - closed < 2.5
+        assert json.loads(checkpoint.read_text())["seqs"][url] == json.loads(line)["seq"]
     finally:
         if read_end >= 0:
             os.close(read_end)
@@ -500,6 +662,20 @@ def test_progress_counts_down_what_the_server_reports_pending(
     assert "feed=continuous" in following.target
     drawn = re.findall(rb"catching up: (\d+) changes, (\d+) pending, ", seen)
     assert drawn and all(int(done) + int(pending) == 50 for done, pending in drawn), seen
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_progress_redraws_on_a_timer_and_says_caught_up_when_pending_is_done(
+    env: Dict[str, str], tmp_path: Path
+) -> None:
+    # 30 of 50 pending changes come, then nothing (no heartbeat before 30 s): the line still
+    # catches up with the count; the last 20 make it say "caught up" at once, heartbeat or not.
+    script = [Read(), Send(COUCH_HEAD + chunk(rows(*range(1, 31)))), Pause(1.0)]
+    script += [Send(chunk(rows(*range(31, 51)))), Stall()]
+    with ScriptedServer([normal_since_now(seq(0), pending=50), script]) as srv:
+        with on_a_terminal([srv.url + "/db"], env, tmp_path) as wait_for:
+            assert b"catching up: 30 changes, 20 pending, " in wait_for(b"30 changes, 20 pending")
+            assert b"caught up: 50 changes in " in wait_for(b"caught up: 50 changes in ")
 
 
 # -- batches -------------------------------------------------------------------------------------
