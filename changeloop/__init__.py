@@ -35,7 +35,7 @@ from .errors import (
     Unauthorized,
 )
 from .loop import Loop
-from .watcher import DatabaseWatcher, shard_of
+from .watcher import DatabaseWatcher, DropEvent, shard_of
 
 __all__ = [
     "__version__",
@@ -49,6 +49,7 @@ __all__ = [
     "Callback",
     "BatchCallback",
     "DatabaseWatcher",
+    "DropEvent",
     "shard_of",
     "Loop",
     # checkpoint stores

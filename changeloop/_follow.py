@@ -14,7 +14,7 @@ A consumer following a continuous feed is always in exactly one of these states:
                         └── stop, or fail (fatal), from any state ──▶ stopped     streaming
 
 ``waiting`` waits for a turn at the loop's connect gate (at most
-:data:`MAX_CONNECTING_PER_LOOP` consumers of a loop connect at once). ``connecting`` covers name
+``MAX_CONNECTING_PER_LOOP`` consumers of a loop connect at once). ``connecting`` covers name
 resolution, TCP and TLS; ``sending`` writes the request; ``awaiting`` waits for the status line
 and headers (for the ``since=now`` question, for its whole answer); ``streaming`` reads the feed.
 Every way out of a connection is ``fail`` or ``end``, both of which go through ``backoff`` (with
@@ -45,7 +45,7 @@ TLS holds, the watchdog, the backoff timer and the connect gate's turn all catch
 and hand it to :meth:`_Follow._fail`, the one failure route, which reconnects after a backoff or
 stops for good. Nothing is only logged. Requests from other threads (``start``, ``stop``) reach
 the state only through :meth:`~changeloop.loop.Loop.call_threadsafe`. A transition missing from
-:data:`TRANSITIONS` is a bug: it raises, and so stops the consumer through the same route.
+``TRANSITIONS`` is a bug: it raises, and so stops the consumer through the same route.
 """
 
 import collections

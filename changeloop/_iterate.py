@@ -19,7 +19,7 @@ class ChangesIterator:
 
     A continuous feed runs on a second consumer with the first one's settings (its callbacks
     queue the rows here). With a checkpoint store, what is saved is the seq of the last change
-    :meth:`__next__` *returned*, not the last one queued: changes dropped by :meth:`close` are
+    ``__next__`` *returned*, not the last one queued: changes dropped by :meth:`close` are
     delivered again next time.
     """
 

@@ -59,8 +59,8 @@ class MemoryCheckpoint(CheckpointStore):
     """Keeps the seq in memory: for tests, and for several runs within one process."""
 
     def __init__(self, seq: Any = None) -> None:
-        self.seq = seq
-        self.saves = 0
+        self.seq = seq  #: The seq held.
+        self.saves = 0  #: How many saves were made.
 
     def __repr__(self) -> str:
         return "<MemoryCheckpoint seq=%r saves=%d>" % (self.seq, self.saves)
@@ -96,8 +96,8 @@ class FileCheckpoint(CheckpointStore):
     _locks_guard = threading.Lock()
 
     def __init__(self, path: Union[str, "os.PathLike[str]"], key: Optional[str] = None) -> None:
-        self.path = os.fspath(path)
-        self.key = key
+        self.path = os.fspath(path)  #: The checkpoint file's path.
+        self.key = key  #: The key within the file, or ``None``.
         self._swept = False  # whether the leftovers of killed saves were removed yet
         with FileCheckpoint._locks_guard:
             self._lock = FileCheckpoint._locks.setdefault(
@@ -292,8 +292,8 @@ class LocalDocCheckpoint(CheckpointStore):
     def __init__(self, db: Database, name: str = "default") -> None:
         if not name:
             raise ValueError("a checkpoint name cannot be empty")
-        self.db = db
-        self.docid = "_local/changeloop-%s" % name
+        self.db = db  #: The database that holds the document.
+        self.docid = "_local/changeloop-%s" % name  #: The ``_local`` document's id.
         self._rev: Optional[str] = None
 
     def __repr__(self) -> str:

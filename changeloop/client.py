@@ -10,7 +10,7 @@ response (a second, smuggled response; a body on a ``HEAD``, 204 or 304 answer) 
 be read as the answer to the next request. Error statuses become typed
 :class:`~changeloop.errors.HTTPError` subclasses carrying CouchDB's ``error`` and ``reason``.
 
-Bodies are bounded: a success body by ``max_body_bytes`` (:class:`ResponseTooLargeError`, raised
+Bodies are bounded: a success body by ``max_body_bytes`` (:class:`~changeloop.errors.ResponseTooLargeError`, raised
 as soon as a ``Content-Length`` announces more), an error body by ``MAX_ERROR_BODY_BYTES`` (the
 rest is not read; the connection is closed).
 
@@ -126,7 +126,7 @@ class Server:
         max_body_bytes: the largest response body accepted (:data:`MAX_BODY_BYTES`, 256 MiB,
             by default); a larger one raises :class:`~changeloop.errors.ResponseTooLargeError`,
             at once when its ``Content-Length`` says so. ``None`` accepts any size. Error
-            bodies are kept only up to :data:`MAX_ERROR_BODY_BYTES` in any case.
+            bodies are kept only up to ``MAX_ERROR_BODY_BYTES`` in any case.
 
     Raises:
         ValueError: the URL is not ``http[s]://[user:password@]host[:port][/prefix]`` (the
@@ -152,7 +152,7 @@ class Server:
             not isinstance(max_body_bytes, int) or max_body_bytes < 0
         ):
             raise ValueError("max_body_bytes must be a byte count or None")
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = max_body_bytes  #: The largest one-shot body read, or ``None``.
         if ssl_context is None and (cafile or certfile):
             ssl_context = _transport.make_ssl_context(
                 cafile=cafile, certfile=certfile, keyfile=keyfile
@@ -169,7 +169,7 @@ class Server:
             raise ValueError("session=True needs credentials (auth= or user:password@ in the URL)")
         self._session = session
         self._cookie: Optional[str] = None
-        self.timeout = timeout
+        self.timeout = timeout  #: Seconds a blocking request may wait, or ``None``.
         self._idle: List[Connection] = []
         self._lock = threading.Lock()
 
@@ -304,7 +304,7 @@ class Server:
 
         Like :meth:`request`, but the body is not decoded; a 4xx/5xx raises only when
         ``raise_for_status`` is true (``HEAD`` requests never raise for 404). An error body is
-        cut at :data:`MAX_ERROR_BODY_BYTES`.
+        cut at ``MAX_ERROR_BODY_BYTES``.
 
         Args:
             idempotent: whether the request may be sent again after a kept-alive connection
@@ -500,9 +500,9 @@ class Database:
     def __init__(self, server: Server, name: str) -> None:
         if not name:
             raise ValueError("a database name cannot be empty")
-        self.server = server
-        self.name = name
-        self.path = "/" + quote_db_name(name)
+        self.server = server  #: The :class:`Server` this database is on.
+        self.name = name  #: The database's name, unquoted.
+        self.path = "/" + quote_db_name(name)  #: The quoted path.
 
     def __repr__(self) -> str:
         return "<Database %r at %s>" % (self.name, self.server.url)

@@ -146,7 +146,7 @@ class Consumer(_Follow):
         healthy_after: seconds a connection must stay up to reset the backoff (a connection
             that delivered a change resets it too).
         watchdog_heartbeats: heartbeats of silence that declare a connection dead, in every
-            phase of it (noticed up to :data:`WATCHDOG_RESOLUTION` later).
+            phase of it (noticed up to ``WATCHDOG_RESOLUTION`` later).
         first_byte_timeout: seconds a server may take to start its response, instead of the
             heartbeat allowance; ``None`` (the default) holds that phase to the same allowance as
             every other, which every known server meets (CouchDB 2+ answers at once, older
@@ -266,7 +266,7 @@ class Consumer(_Follow):
     def last_seq(self) -> Any:
         """The seq of the last change delivered (or where the feed will start).
 
-        Brought up to date as :attr:`delivered` is (inside a callback, the change itself has
+        Brought up to date as ``delivered`` is (inside a callback, the change itself has
         its ``seq``); the checkpoint always stores it after the changes it covers.
         """
         return self._since
@@ -279,9 +279,10 @@ class Consumer(_Follow):
 
     @property
     def phase(self) -> str:
-        """The state machine's own state: :attr:`state`, with ``connecting`` told apart as
-        ``waiting`` (for a turn to connect), ``connecting``, ``sending`` or ``awaiting``
-        (the response). See :mod:`changeloop._follow`."""
+        """The state machine's own state, finer than :attr:`state`.
+
+        ``connecting`` is told apart as ``waiting`` (for a turn to connect), ``connecting``,
+        ``sending`` or ``awaiting`` (the response); see "How it works" in the docs."""
         return self._state
 
     @property
@@ -332,7 +333,7 @@ class Consumer(_Follow):
 
         Blocks until a change arrives or the server's ``timeout`` (milliseconds, CouchDB's
         parameter) passes. A heartbeat (``heartbeat=`` in ms, 30 s by default) keeps a silent
-        wait alive; the read gives up after :data:`WATCHDOG_HEARTBEATS` missed heartbeats.
+        wait alive; the read gives up after ``WATCHDOG_HEARTBEATS`` missed heartbeats.
         Arguments and errors are those of :meth:`fetch`.
         """
         params.setdefault("heartbeat", DEFAULT_HEARTBEAT_MS)

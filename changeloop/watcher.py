@@ -16,7 +16,7 @@ database created in between is in the second listing, one created later is in th
 A database whose consumer stops for good (deleted: 404; refused: 401/403; its callback raised; a
 line over the limit; its checkpoint store cannot load) is dropped, reported to ``on_drop`` with a
 :class:`DropEvent`, and tried again by a new consumer after a backoff (``poll_interval``, doubling
-while the tries deliver nothing, up to :data:`RETRY_CAP_S`); a database that is gone (404) is tried
+while the tries deliver nothing, up to ``RETRY_CAP_S``); a database that is gone (404) is tried
 again only once it shows up again (in a listing or a ``_db_updates`` event), a re-created one at
 once and from its beginning. One failing database never stops the watch.
 
@@ -44,8 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: How often ``_all_dbs`` is polled where the server has no ``_db_updates``.
 POLL_INTERVAL_S = 10.0
-#: The longest wait before a dropped database is tried again: a database refused for good costs
-#: one request per this many seconds, and one that is repaired is followed again within it.
+#: The longest wait, in seconds, before a dropped database is tried again. A database refused
+#: for good costs one request per this many seconds; one repaired is followed again within it.
 RETRY_CAP_S = 600.0
 #: Statuses of ``_db_updates`` that mean "not available here": fall back to polling.
 NO_DB_UPDATES_STATUSES = frozenset([400, 401, 403, 404, 405, 501])
@@ -151,7 +151,7 @@ class DatabaseWatcher:
         poll_interval: seconds between ``_all_dbs`` polls when there is no ``_db_updates``, and
             the first wait before a dropped database is tried again.
         params: ``_changes`` parameters for every consumer (``include_docs=True``...).
-        consumer_options: keyword arguments for every :class:`Consumer` (``on_error``...).
+        consumer_options: keyword arguments for every :class:`~changeloop.consumer.Consumer` (``on_error``...).
         on_drop: called with a :class:`DropEvent` when a database's consumer stopped for good
             (or could not start) and the watcher let go of it until its retry.
     """
@@ -173,17 +173,17 @@ class DatabaseWatcher:
     ) -> None:
         if shard is not None and not (0 <= shard[0] < shard[1]):
             raise ValueError("shard must be (i, n) with 0 <= i < n, not %r" % (shard,))
-        self.server = server
-        self.callback = callback
-        self.loop = loop if loop is not None else Loop()
+        self.server = server  #: The server watched.
+        self.callback = callback  #: Called as ``callback(db_name, change)``.
+        self.loop = loop if loop is not None else Loop()  #: The loop of every consumer.
         self._matches = _matcher(match)
-        self.shard = shard
-        self.checkpoint = checkpoint
-        self.since = since
-        self.poll_interval = poll_interval
-        self.params = dict(params or {})
-        self.consumer_options = dict(consumer_options or {})
-        self.on_drop = on_drop
+        self.shard = shard  #: ``(i, n)``, or ``None``.
+        self.checkpoint = checkpoint  #: ``db -> store``, or ``None``.
+        self.since = since  #: Where new consumers start.
+        self.poll_interval = poll_interval  #: Seconds between polls.
+        self.params = dict(params or {})  #: ``_changes`` parameters of every consumer.
+        self.consumer_options = dict(consumer_options or {})  #: Consumer keyword arguments.
+        self.on_drop = on_drop  #: Called when a consumer is dropped.
         #: The consumers, by database name.
         self.consumers: Dict[str, Consumer] = {}
         self._updates: Optional[_DbUpdatesFeed] = None
