@@ -236,12 +236,16 @@ class _FileLock:
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # novermin (as above)
         except OSError as exc:
-            raise CheckpointError("cannot open the lock file %s: %s" % (self.path, exc)) from exc
+            raise CheckpointError(
+                "cannot write checkpoint: cannot open its lock file %s: %s" % (self.path, exc)
+            ) from exc
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
         except OSError as exc:
             os.close(self.fd)
-            raise CheckpointError("cannot lock %s: %s" % (self.path, exc)) from exc
+            raise CheckpointError(
+                "cannot write checkpoint: cannot lock %s: %s" % (self.path, exc)
+            ) from exc
         return self
 
     def __exit__(self, *exc_info: object) -> None:

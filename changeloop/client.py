@@ -10,8 +10,9 @@ response (a second, smuggled response; a body on a ``HEAD``, 204 or 304 answer) 
 be read as the answer to the next request. Error statuses become typed
 :class:`~changeloop.errors.HTTPError` subclasses carrying CouchDB's ``error`` and ``reason``.
 
-Bodies are bounded: a success body by ``max_body_bytes`` (:class:`~changeloop.errors.ResponseTooLargeError`, raised
-as soon as a ``Content-Length`` announces more), an error body by ``MAX_ERROR_BODY_BYTES`` (the
+Bodies are bounded: a success body by ``max_body_bytes``
+(:class:`~changeloop.errors.ResponseTooLargeError`, raised as soon as a ``Content-Length``
+announces more), an error body by ``MAX_ERROR_BODY_BYTES`` (the
 rest is not read; the connection is closed).
 
 Credentials come from the URL (percent-decoded) or ``auth=``; they are sent as Basic auth or, with

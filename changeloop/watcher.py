@@ -151,7 +151,8 @@ class DatabaseWatcher:
         poll_interval: seconds between ``_all_dbs`` polls when there is no ``_db_updates``, and
             the first wait before a dropped database is tried again.
         params: ``_changes`` parameters for every consumer (``include_docs=True``...).
-        consumer_options: keyword arguments for every :class:`~changeloop.consumer.Consumer` (``on_error``...).
+        consumer_options: keyword arguments for every :class:`~changeloop.consumer.Consumer`
+            (``on_error``...).
         on_drop: called with a :class:`DropEvent` when a database's consumer stopped for good
             (or could not start) and the watcher let go of it until its retry.
     """
