@@ -140,8 +140,8 @@ class Fate:
             extra += " after=%.2f" % self.after
         elif self.response_at >= 0:
             extra += " response_at=%d" % self.response_at
-        if self.status:
-            extra += " status=%d" % self.status
+        if self.kind == "status":
+            extra += " status=%03d" % self.status
         if self.kind == "end":
             extra += " end_after=%.2f" % self.end_after
         return "<Fate %s%s connect=%.3f%s think=%.3f>" % (

@@ -26,7 +26,7 @@ import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
-from simulation import Fate, Peer, SimHang, SimSelector, World, seq_n, sim_seq
+from simulation import Fate, Peer, SimConnection, SimHang, SimSelector, World, seq_n, sim_seq
 
 import changeloop
 from changeloop import Consumer, Loop, Server
@@ -276,8 +276,10 @@ class StopAgent:
 class Run:
     """One seed: the scenario, the world, the consumer, and the record of what it did."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, drop: Tuple[int, ...] = ()) -> None:
         self.seed = seed
+        #: Changes the callback pretends not to have seen (the harness's own self-test).
+        self.drop = set(drop)
         rng = self.rng = random.Random(seed)
         self.mode = "step" if rng.random() < 0.6 else "wait"
         self.tls = rng.random() < 0.3
@@ -308,6 +310,8 @@ class Run:
         self.phase = "chaos"
         self.heal_deadline = 0.0
         self.violations: List[Tuple[str, str]] = []
+        self.violation_counts: Dict[str, int] = {}
+        self.trace: Optional[List[str]] = None
         self.agent = StopAgent(self)
         self.callback = self.on_change  # one object: the same callable on every start
         self.base: Optional[int] = None  # the changes after this one must all be delivered
@@ -440,10 +444,15 @@ class Run:
     # -- what the world reports ------------------------------------------------------------
 
     def violation(self, kind: str, message: str) -> None:
+        """Record a broken invariant (the first few of each kind, and how many)."""
+        count = self.violation_counts[kind] = self.violation_counts.get(kind, 0) + 1
+        if count > 3:
+            return
         text = "t=%.3f pass %d: %s" % (self.world.now() - 1000.0, self.world.passes, message)
         self.world.note("VIOLATION %s: %s" % (kind, message))
-        if len(self.violations) < 20:
-            self.violations.append((kind, text))
+        self.violations.append((kind, text))
+        if self.trace is None:
+            self.trace = list(self.world.log)[-50:]  # what led to the first one
 
     def fatal_seen(self) -> bool:
         """Whether the consumer read a whole answer with a fatal status."""
@@ -504,6 +513,9 @@ class Run:
         world = self.world
         n = seq_n(change.get("seq")) if isinstance(change, dict) else None
         peer = world.reading
+        if n in self.drop:
+            self.drop.discard(n)
+            return
         self.deliveries += 1
         if n is None or peer is None:
             self.violation("order", "delivered something that is no change: %r" % (change,))
@@ -743,8 +755,11 @@ class Run:
 
     def check_silence(self) -> None:
         end = self.world.now()
-        limit = self.allowance + 1e-6
         for peer in self.world.peers:
+            # The heartbeat the feed asked for (the library's default if the seed set none).
+            limit = 1e-6 + (
+                self.allowance if not peer.heartbeat else 3 * peer.heartbeat + WATCHDOG_RESOLUTION_S
+            )
             closed = [t for t in (peer.closed_by_client, peer.closed_by_server) if t is not None]
             until = min(closed) if closed else end
             marks = [(t, phase) for t, phase in peer.activity if t <= until]
@@ -793,13 +808,64 @@ def tls_context() -> ssl.SSLContext:
     return _TLS_CONTEXT
 
 
-def run_seed(seed: int) -> Run:
-    run = Run(seed)
+def run_seed(seed: int, **options: Any) -> Run:
+    run = Run(seed, **options)
     try:
         run.run()
     except Exception:
         run.violations.append(("crash", traceback.format_exc()))
     return run
+
+
+def run_seeds(seeds: List[int]) -> Tuple[List[Run], Dict[str, int]]:
+    """Run ``seeds``; return the runs that broke an invariant, and totals over all of them."""
+    failed: List[Run] = []
+    totals = {"connections": 0, "faults": 0, "stops": 0, "restarts": 0, "changes": 0}
+    totals.update(deliveries=0, passes=0, simulated_s=0)
+    package_logger = logging.getLogger("changeloop")
+    level = package_logger.level
+    package_logger.setLevel(logging.ERROR)  # the reconnection warnings would cost time
+    try:
+        for seed in seeds:
+            run = run_seed(seed)
+            totals["connections"] += len(run.world.peers)
+            totals["faults"] += sum(p.fate.kind != "ok" for p in run.world.peers)
+            totals["stops"] += sum(run.agent.counts.values())
+            totals["restarts"] += run.restarts
+            totals["changes"] += run.world.n
+            totals["deliveries"] += run.deliveries
+            totals["passes"] += run.world.passes
+            totals["simulated_s"] += int(run.world.now() - 1000.0)
+            if run.violations:
+                failed.append(run)
+    finally:
+        package_logger.setLevel(level)
+    return failed, totals
+
+
+def report(runs: List[Run], summary: str) -> str:
+    """The failing seeds by invariant, an example of each, and the first failure's events."""
+    by_kind: Dict[str, List[int]] = {}
+    example: Dict[str, str] = {}
+    for run in runs:
+        for kind, text in run.violations:
+            if run.seed not in by_kind.setdefault(kind, []):
+                by_kind[kind].append(run.seed)
+            example.setdefault(kind, "seed %d: %s" % (run.seed, text))
+    lines = [summary, "failing seeds by invariant (replay one with CHANGELOOP_SIM_SEED=<n>):"]
+    for kind, seeds in sorted(by_kind.items()):
+        more = " ..." if len(seeds) > 30 else ""
+        lines.append("  %s: %d seeds: %s%s" % (kind, len(seeds), seeds[:30], more))
+        lines.append("      e.g. %s" % example[kind][:400])
+    first = runs[0]
+    lines.append("first failure, CHANGELOOP_SIM_SEED=%d:" % first.seed)
+    lines.append("  " + first.describe())
+    lines.extend("  [%s] %s" % v for v in first.violations[:8])
+    lines.append("  the world's events up to the first violation:")
+    lines.extend("    " + line for line in first.trace or [])
+    lines.append("  ... and the last ones:")
+    lines.extend("    " + line for line in list(first.world.log)[-12:])
+    return "\n".join(lines)
 
 
 def _seeds() -> List[int]:
@@ -812,55 +878,75 @@ def _seeds() -> List[int]:
 def test_simulation(capsys: pytest.CaptureFixture) -> None:
     seeds = _seeds()
     started = time.perf_counter()
-    failures: Dict[str, List[int]] = {}
-    first: Optional[Run] = None
-    totals = {"connections": 0, "faults": 0, "stops": 0, "deliveries": 0, "passes": 0}
-    package_logger = logging.getLogger("changeloop")
-    level = package_logger.level
-    package_logger.setLevel(logging.ERROR)  # the reconnection warnings would cost time
-    try:
-        for seed in seeds:
-            run = run_seed(seed)
-            totals["connections"] += len(run.world.peers)
-            totals["faults"] += sum(p.fate.kind != "ok" for p in run.world.peers)
-            totals["stops"] += sum(run.agent.counts.values())
-            totals["deliveries"] += run.deliveries
-            totals["passes"] += run.world.passes
-            for kind in sorted({kind for kind, _ in run.violations}):
-                failures.setdefault(kind, []).append(seed)
-            if run.violations and first is None:
-                first = run
-    finally:
-        package_logger.setLevel(level)
-    elapsed = time.perf_counter() - started
-    failed = sorted({s for seeds_ in failures.values() for s in seeds_})
+    failed, totals = run_seeds(seeds)
     summary = (
-        "simulation: %d seeds in %.1f s, %d failed; %d connections, %d faults, %d stops from "
-        "other threads, %d changes delivered, %d loop passes; invariants: %s"
+        "simulation: %d seeds in %.1f s, %d failed (%d connections, %d with a fault, %d stops "
+        "from other threads, %d restarts, %d changes written, %d deliveries, %d loop passes, "
+        "%d simulated s)\ninvariants checked per seed: %s"
         % (
             len(seeds),
-            elapsed,
+            time.perf_counter() - started,
             len(failed),
             totals["connections"],
             totals["faults"],
             totals["stops"],
+            totals["restarts"],
+            totals["changes"],
             totals["deliveries"],
             totals["passes"],
-            "; ".join("%s (%s)" % item for item in INVARIANTS.items()),
+            totals["simulated_s"],
+            "; ".join("%s: %s" % item for item in INVARIANTS.items()),
         )
     )
-    with capsys.disabled():
+    with capsys.disabled():  # shown whatever the options: the seed count and what was checked
         print("\n" + summary)
-    if first is not None:
-        lines = [summary, "failing seeds by invariant:"]
-        for kind, kind_seeds in sorted(failures.items()):
-            lines.append(
-                "  %s: %d seeds: %s%s"
-                % (kind, len(kind_seeds), kind_seeds[:30], " ..." if len(kind_seeds) > 30 else "")
-            )
-        lines.append("first failure, replay with CHANGELOOP_SIM_SEED=%d:" % first.seed)
-        lines.append("  " + first.describe())
-        lines.extend("  [%s] %s" % v for v in first.violations[:8])
-        lines.append("  the world's last events:")
-        lines.extend("    " + line for line in list(first.world.log)[-60:])
-        pytest.fail("\n".join(lines), pytrace=False)
+    if failed:
+        pytest.fail(report(failed, summary), pytrace=False)
+
+
+# -- the harness itself: replays are exact, and each check can fail --------------------------
+
+
+def _kinds(run: Run) -> List[str]:
+    return sorted({kind for kind, _ in run.violations})
+
+
+def _fingerprint(run: Run) -> Tuple[Any, ...]:
+    return (list(run.world.log), run.violations, run.world.passes, run.world.now(), run.covered)
+
+
+def test_a_seed_replays_exactly() -> None:
+    seeds = list(range(24))
+    first = [run_seed(seed) for seed in seeds]
+    # What must replay: plain and TLS, both drivers, stops paused half-way in another thread.
+    assert {run.tls for run in first} == {False, True}
+    assert {run.mode for run in first} == {"step", "wait"}
+    assert any(label.endswith("/paused") for run in first for label in run.agent.counts)
+    for seed, run in zip(seeds, first):
+        assert _fingerprint(run) == _fingerprint(run_seed(seed)), "seed %d differs" % seed
+
+
+def test_the_checks_see_a_change_the_callback_never_got() -> None:
+    run = run_seed(3, drop=(7,))
+    assert run.deliveries > 20
+    assert "order" in _kinds(run), run.violations  # change 8 came right after 6
+
+
+def test_the_checks_see_a_stop_that_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Consumer, "stop", lambda self: None)
+    run = run_seed(3)
+    assert "stop" in _kinds(run), run.violations
+
+
+def test_the_checks_see_a_connection_left_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client that forgets its connections: the server sees them open and silent.
+    def close_quietly(self: SimConnection) -> None:
+        sock, self.sock = self.sock, None
+        self.state = "closed"
+        if sock is not None:
+            self.world.live.pop(sock.fileno(), None)
+            sock.close()
+
+    monkeypatch.setattr(SimConnection, "close", close_quietly)
+    run = run_seed(3)
+    assert "silence" in _kinds(run), run.violations
