@@ -13,6 +13,12 @@ consumer is started again. Then the faults heal, and the run ends with a last st
 
 Invariants, checked for every seed (``INVARIANTS``); every failure names its seed, and
 ``CHANGELOOP_SIM_SEED=<n>`` replays it exactly (``CHANGELOOP_SIM_SEEDS=5000`` runs more).
+Reading a failure: the report lists the failing seeds by invariant with one example each, then
+the first failing seed's scenario and the world's events up to its first violation (``#k`` is
+the k-th connection, with its fate; times are simulated seconds from the start). The silence
+allowance holds every connection to 3 heartbeats (the one the feed asked for) plus the watchdog's
+0.1 s, from its last sign of life, in every phase: TCP connect, TLS handshake, the request (the
+server stopped reading), the head and the body, and the ``since=now`` question too.
 """
 
 import logging
@@ -117,7 +123,7 @@ class FlakyStore:
 
     def save(self, seq: Any) -> None:
         run = self.run
-        run.check_seq(seq, "checkpoint save(%r)" % (seq,))
+        run.check_seq(seq, "checkpoint save(seq %s)" % seq_n(seq))
         run.world.point("save")
         if run.rng.random() < self.fail:
             exc: BaseException = (
@@ -526,6 +532,7 @@ class Run:
             self.base = self.covered = n - 1
         last = self.last_on.get(peer.number)
         if last is None:
+            world.note("#%d delivers from change %d" % (peer.number, n))
             if n > self.covered + 1:
                 self.violation(
                     "order",
@@ -863,8 +870,9 @@ def report(runs: List[Run], summary: str) -> str:
     lines.extend("  [%s] %s" % v for v in first.violations[:8])
     lines.append("  the world's events up to the first violation:")
     lines.extend("    " + line for line in first.trace or [])
-    lines.append("  ... and the last ones:")
-    lines.extend("    " + line for line in list(first.world.log)[-12:])
+    if first.trace and first.world.log[-1] != first.trace[-1]:
+        lines.append("  ... and the last ones:")
+        lines.extend("    " + line for line in list(first.world.log)[-12:])
     return "\n".join(lines)
 
 
