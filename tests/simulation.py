@@ -467,6 +467,7 @@ class SimConnection:
         self.wants_write = False
         self.sock: Optional[socket.socket] = None
         self.peer: Optional[Peer] = None
+        self.number = 0  # the connection's number (its peer's)
         self._plain = b""  # TLS: decrypted bytes held (pending())
         self._deferred = ""  # TLS: "eof" or "reset" met after bytes, for the next recv()
 
@@ -500,6 +501,7 @@ class SimConnection:
         self.sock, peer.sock = socket.socketpair()
         self.sock.setblocking(False)
         peer.sock.setblocking(False)
+        self.number = peer.number
         self.world.live[self.sock.fileno()] = self
         self.state = "connecting"
         if peer.fate.immediate:
@@ -838,16 +840,22 @@ class SimSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
 
     def _ready(self) -> List[Tuple[selectors.SelectorKey, int]]:
         real = {key.fd: (key, mask) for key, mask in super().select(0)}
-        out = []
         live = self.world.live
+        if not live:
+            return [real[fd] for fd in sorted(real)]
+        out = []
         fd_map = self.get_map()
-        for fd, connection in sorted(live.items(), key=lambda item: item[1].peer.number):  # type: ignore[union-attr]
+        # In connection order, not descriptor order: descriptor numbers differ between replays.
+        items = list(live.items())
+        if len(items) > 1:
+            items.sort(key=lambda item: item[1].number)
+        for fd, connection in items:
             key = fd_map.get(fd)
+            entry = real.pop(fd, None)
             if key is None:
-                real.pop(fd, None)
                 continue
-            mask = connection.readiness(real.pop(fd, (key, 0))[1]) & key.events
+            mask = connection.readiness(0 if entry is None else entry[1]) & key.events
             if mask:
                 out.append((key, mask))
         # What is left is real: the loop's wake-up socket.
-        return [entry for _, entry in sorted(real.items())] + out
+        return [real[fd] for fd in sorted(real)] + out
