@@ -185,10 +185,10 @@ class StopAgent:
         run = self.run
         reached = threading.Event()
         resume = threading.Event()
-        state = {"lines": 0, "paused": False}
+        state = {"lines": 0, "paused": False, "holding": False}
 
         def local(frame: Any, event: str, arg: Any) -> Any:
-            if event == "line" and not state["paused"]:
+            if event == "line" and not state["paused"] and not state["holding"]:
                 state["lines"] += 1
                 if state["lines"] == pause_at:
                     state["paused"] = True
@@ -197,8 +197,18 @@ class StopAgent:
                         state["timed_out"] = True
             return local
 
+        def holding(frame: Any, event: str, arg: Any) -> Any:
+            if event == "return":
+                state["holding"] = False
+            return holding
+
         def tracer(frame: Any, event: str, arg: Any) -> Any:
             if event == "call" and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+                if frame.f_code.co_name == "call_threadsafe":
+                    # Loop.call_threadsafe holds the loop (no run may start) for as long as the
+                    # call takes: a pause there would only make the loop's thread wait for it.
+                    state["holding"] = True
+                    return holding
                 return local
             return None
 
