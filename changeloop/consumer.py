@@ -374,9 +374,9 @@ class Consumer(_Follow):
             raise TypeError("a callback must be callable")
         if callback in self._callbacks:
             return
-        self._callbacks.append(callback)
+        self._callbacks += (callback,)
         if self.running and callback not in self._active:
-            self._active.append(callback)
+            self._active += (callback,)
 
     def start(
         self,
@@ -425,9 +425,9 @@ class Consumer(_Follow):
         if loop.closed:
             raise RuntimeError("the consumer's loop is closed")
         stored = self.checkpoint.load() if self.checkpoint is not None else None
-        active = list(self._callbacks)
+        active = self._callbacks
         if callback is not None and callback not in active:
-            active.append(callback)
+            active += (callback,)
         loop.call_threadsafe(self._begin, stored if stored is not None else since, params, active)
         return self
 

@@ -195,8 +195,9 @@ class Loop:
         # The fds registered, modified or removed during the current dispatch batch: only for
         # these can a selected key be stale (see _pass).
         self._touched: Set[int] = set()
-        # Reentrant: call_threadsafe() holds it around a call that may reach close() or a run.
-        self._state_lock = threading.RLock()
+        # call_threadsafe() holds it around a call (as the loop's owner); _claim() and close()
+        # refuse that owner at once instead of waiting for the lock it holds.
+        self._state_lock = threading.Lock()
         self._running = False
         self._stopping = False
         self._owner: Optional[int] = None  # the thread id inside a run method, while it runs
@@ -497,6 +498,8 @@ class Loop:
         Raises:
             RuntimeError: the loop is running.
         """
+        if self._owner == threading.get_ident() and not self._closed:
+            raise RuntimeError("cannot close a running loop: stop() it and let run() return")
         with self._state_lock:
             if self._closed:
                 return
@@ -550,6 +553,8 @@ class Loop:
             raise RuntimeError("the loop is closed")
 
     def _claim(self) -> None:
+        if self._owner == threading.get_ident():  # inside a run, or inside call_threadsafe()
+            raise RuntimeError("the loop is already running")
         with self._state_lock:
             self._check_open()
             if self._running:

@@ -778,3 +778,59 @@ def test_stop_from_another_thread_runs_after_work_queued_before_it() -> None:
         thread.join(5)
         assert not thread.is_alive()
         assert ran == list(range(50))
+
+
+# -- call_threadsafe: requests from outside, never beside a pass ---------------------------------
+
+
+def test_call_threadsafe_runs_at_once_on_an_idle_loop_holding_it() -> None:
+    with Loop() as loop:
+        seen: List[object] = []
+
+        def inside() -> None:
+            seen.append(loop.in_loop_thread())
+            # Holding the loop: a run cannot start, and neither can close (no deadlock either).
+            with pytest.raises(RuntimeError, match="already running"):
+                loop.run_once(0)
+            with pytest.raises(RuntimeError, match="running"):
+                loop.close()
+
+        loop.call_threadsafe(inside)
+        assert seen == [True] and not loop.in_loop_thread()
+        loop.run_once(0)  # and the loop is free again afterwards
+
+
+def test_call_threadsafe_queues_while_the_loop_runs_in_another_thread() -> None:
+    with Loop() as loop:
+        ran_in: List[str] = []
+        thread = loop.run_in_thread("loop")
+        try:
+            loop.call_threadsafe(lambda: ran_in.append(threading.current_thread().name))
+            deadline = time.monotonic() + 5
+            while not ran_in and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            loop.stop()
+            thread.join(5)
+        assert ran_in == ["loop"]
+
+
+def test_call_threadsafe_from_the_loops_thread_runs_at_once() -> None:
+    with Loop() as loop:
+        order: List[str] = []
+
+        def outer() -> None:
+            loop.call_threadsafe(order.append, "inner")
+            order.append("after")
+
+        loop.call_soon(outer)
+        loop.run_once(0)
+        assert order == ["inner", "after"]
+
+
+def test_call_threadsafe_on_a_closed_loop_runs_at_once() -> None:
+    loop = Loop()
+    loop.close()
+    seen: List[int] = []
+    loop.call_threadsafe(seen.append, 1)
+    assert seen == [1]
