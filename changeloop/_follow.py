@@ -49,12 +49,15 @@ the state only through :meth:`~changeloop.loop.Loop.call_threadsafe`. A transiti
 """
 
 import collections
+import functools
 import logging
 import random
+import time
 import weakref
 from typing import Any, Callable, Deque, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from ._delivery import Change, _Delivery
+from ._resolve import is_literal, resolver_of
 from ._stream import FeedStream
 from ._transport import Want
 from ._wheel import DeadlineWheel
@@ -62,6 +65,7 @@ from .errors import (
     CallbackError,
     ChangeloopError,
     FeedError,
+    GaveUpError,
     HTTPError,
     LineTooLongError,
     ReadTimeout,
@@ -84,7 +88,7 @@ IDLE, WAITING, CONNECTING, SENDING, AWAITING, STREAMING, BACKOFF, STOPPED = STAT
     "stopped",
 )
 #: The states of an open connection, each with a silence deadline on the watchdog wheel.
-_CONNECTED: FrozenSet[str] = frozenset([CONNECTING, SENDING, AWAITING, STREAMING])
+CONNECTED_STATES = _CONNECTED = frozenset([CONNECTING, SENDING, AWAITING, STREAMING])
 #: The states that hold a turn at the loop's connect gate.
 _GATED: FrozenSet[str] = frozenset([CONNECTING, SENDING, AWAITING])
 #: Where ``stop`` and a fatal ``fail`` lead from: every state but the two at rest.
@@ -191,6 +195,20 @@ def _watchdogs_of(loop: Loop) -> _Watchdogs:
     return wheel
 
 
+#: How many of each loop's consumers are in each state, for Loop.stats() (kept per transition).
+_COUNTS: "weakref.WeakKeyDictionary[Loop, collections.Counter[str]]" = weakref.WeakKeyDictionary()
+
+
+def _counts_of(loop: Loop) -> "collections.Counter[str]":
+    counts = _COUNTS.get(loop)
+    if counts is None:
+        counts = _COUNTS[loop] = collections.Counter()
+        loop.add_stats_source(
+            "feeds", lambda: {s: counts[s] for s in STATES if s != IDLE and counts[s] > 0}
+        )
+    return counts
+
+
 def _gate_of(loop: Loop) -> _ConnectGate:
     gate = _GATES.get(loop)
     if gate is None:
@@ -211,7 +229,11 @@ class _Follow(_Delivery):
         "_caught_up",
         "_connected_at",
         "_fd",
+        "_healthy_at",
         "_last_activity",
+        "_last_error",
+        "_paused",
+        "_pending",
         "_silence",
         "_state",
         "_stream",
@@ -225,6 +247,8 @@ class _Follow(_Delivery):
     connect_timeout: float
     first_byte_timeout: Optional[float]
     healthy_after: float
+    max_outage: Optional[float]
+    max_retries: Optional[int]
     reconnect_base: float
     reconnect_cap: float
     _rng: random.Random
@@ -243,6 +267,10 @@ class _Follow(_Delivery):
         self._last_activity = 0.0  # the last byte read or written, or the phase's start
         self._connected_at: Optional[float] = None  # when the feed's 200 head arrived
         self._attempt = 0  # failed attempts since the last healthy connection
+        self._healthy_at = 0.0  # when the last healthy connection was (or the run started)
+        self._last_error: Optional[Tuple[BaseException, float]] = None  # and when (wall clock)
+        self._pending: Optional[int] = None  # the server's last pending count
+        self._paused = False  # pause(): the socket is not read and the watchdog rests
         self._caught_up = False  # on_caught_up reported in this run
         self._blocking = False  # wait() runs the loop until this consumer stops
         #: Connections made since ``start`` (1 + reconnections).
@@ -263,6 +291,9 @@ class _Follow(_Delivery):
         if new is None:
             raise RuntimeError("no transition for %r in state %r" % (event, old))
         self._state = new
+        counts = _counts_of(self.loop)
+        counts[old] -= 1
+        counts[new] += 1
         if old == BACKOFF and self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -276,7 +307,8 @@ class _Follow(_Delivery):
             self._leave_gate()
         if new in _CONNECTED:
             self._last_activity = self.loop.time()  # silence counts from the phase's start
-            self._arm_watchdog(new)
+            if not (self._paused and new == STREAMING):
+                self._arm_watchdog(new)
         elif old in _CONNECTED:
             watchdogs = self._watchdogs()
             if watchdogs is not None:
@@ -420,16 +452,44 @@ class _Follow(_Delivery):
         stream = self._stream = self._open_stream(resolving)
         if not resolving:
             self.connections += 1
-        stream.start()
+        logger.debug("%s: connecting (since=%r)", self.db.name, self._since)
+        host, port = stream.connection.host, stream.connection.port
+        if is_literal(host):
+            self._start_stream(stream, None)
+            return
+        # Names are resolved off the loop's thread (see _resolve); the connecting deadline
+        # runs meanwhile, so a resolver that never answers is a connection that never opens.
+        callback = functools.partial(self._on_addresses, stream)
+        addrs = resolver_of(self.loop).lookup(host, port, callback)
+        if addrs is not None:  # cached
+            self._start_stream(stream, addrs)
+
+    def _on_addresses(self, stream: FeedStream, result: Any) -> None:
+        """The resolver's answer for ``stream``'s host, on the loop's thread."""
+        try:
+            if stream is not self._stream or self._state != CONNECTING:
+                return  # the consumer moved on (a deadline, a stop) while it was resolving
+            if isinstance(result, BaseException):
+                error = type(result)(*result.args)  # each consumer its own, as each raises it
+                error.__cause__ = result.__cause__
+                self._fail(error)
+                return
+            self._start_stream(stream, result)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _start_stream(self, stream: FeedStream, addrs: Optional[List[Any]]) -> None:
+        stream.start(addrs)
         self._register(stream)
         self._follow_phase(stream)
-        logger.debug("%s: connecting (since=%r)", self.db.name, self._since)
 
     def _open_stream(self, resolving: bool) -> FeedStream:
         raise NotImplementedError  # the consumer builds the request
 
     def _register(self, stream: FeedStream) -> None:
         want = stream.want()
+        if self._paused and self._state == STREAMING:
+            want = Want.DONE  # paused: no interest, so TCP's flow control holds the server
         fd = stream.fileno()
         loop = self.loop
         if fd != self._fd:
@@ -449,6 +509,8 @@ class _Follow(_Delivery):
             self._move("sent")
         if self._state == AWAITING and stream.streaming and not stream.one_shot:
             self._move("head")
+            if self._paused:
+                self._register(stream)
             self._on_connected()
 
     def _on_read(self, stream: FeedStream, rows: List[Change]) -> None:
@@ -473,8 +535,10 @@ class _Follow(_Delivery):
             self._arm_watchdog(STREAMING)  # the first line may end the first-byte allowance
         decoder = stream.decoder
         last = stream.last_seq
-        if last is not None and last.seq is not None:
-            self._since = last.seq  # every row before it is delivered: resume from here
+        if last is not None:
+            self._pending = last.pending
+            if last.seq is not None:
+                self._since = last.seq  # every row before it is delivered: resume from here
         if not self._caught_up and (decoder.heartbeats or (last is not None and last.pending == 0)):
             self._caught_up = True
             pending = None if last is None else last.pending
@@ -489,7 +553,7 @@ class _Follow(_Delivery):
             return
         if connecting:  # only then can the fd (next address) or the interest change
             self._register(stream)
-        if stream.has_buffered_bytes():
+        if stream.has_buffered_bytes() and not self._paused:
             self.loop.call_soon(self.handle_read)  # TLS holds bytes that select() will not report
 
     def _on_resolved(self, document: Dict[str, Any]) -> None:
@@ -524,7 +588,11 @@ class _Follow(_Delivery):
         self._close_stream()
         if quick:
             # Ended at once with nothing new (timeout=0, a proxy that cuts every response short):
-            # reconnecting at once would spin, so these ends back off as failures do.
+            # reconnecting at once would spin, so these ends back off (and count) as failures do.
+            gave_up = self._gives_up(FeedError("the server ended every feed at once"), now)
+            if gave_up is not None:
+                self._finish(gave_up)
+                return
             delay = self._backoff()
             logger.info(
                 "%s: the server ended the feed after %.2f s with nothing new; reconnecting in "
@@ -535,6 +603,7 @@ class _Follow(_Delivery):
             )
         else:
             self._attempt = 0  # a feed that ran its course: follow on at once
+            self._healthy_at = now
             delay = 0.0
             logger.debug("%s: the server ended the feed at %r; resuming", self.db.name, last.seq)
         self._move("end")
@@ -549,6 +618,8 @@ class _Follow(_Delivery):
         if state == IDLE or state == STOPPED:
             logger.debug("%s: %r after the consumer stopped; ignored", self.db.name, exc)
             return
+        now = self.loop.time()
+        self._last_error = (exc, time.time())
         if is_fatal(exc) and not self._renews_session(exc):
             logger.error("%s: %s; stopping", self.db.name, exc)
             self._finish(exc)
@@ -556,13 +627,23 @@ class _Follow(_Delivery):
         was_streaming = state == STREAMING
         stream = self._stream
         connected_at = self._connected_at
-        if connected_at is not None and (
+        healthy = connected_at is not None and (
             (stream is not None and stream.decoder.rows)  # it delivered: the path works
-            or self.loop.time() - connected_at >= self.healthy_after
-        ):
+            or now - connected_at >= self.healthy_after
+        )
+        if healthy:
             self._attempt = 0
+            self._healthy_at = now
+        else:
+            gave_up = self._gives_up(exc, now)
+            if gave_up is not None:
+                logger.error("%s: %s; stopping", self.db.name, gave_up)
+                self._finish(gave_up)
+                return
         self._close_stream()
         delay = self._backoff()
+        if healthy:
+            self._attempt = 0  # not a failed attempt: the next failure is the first in a row
         logger.warning("%s: %s; reconnecting in %.2f s", self.db.name, exc, delay)
         if state == BACKOFF:  # a failure on the way out of the backoff (opening the stream)
             self._timer = self.loop.call_later(delay, self._retry)
@@ -574,6 +655,23 @@ class _Follow(_Delivery):
         self._report(
             self.on_error, self._event("error", error=exc, will_retry=True, retry_in=delay)
         )
+
+    def _gives_up(self, exc: BaseException, now: float) -> Optional[GaveUpError]:
+        """The error to stop with if the give-up policy says so after failure ``exc``."""
+        attempts = self._attempt + 1  # this failure included
+        outage = now - self._healthy_at
+        if (self.max_retries is None or attempts <= self.max_retries) and (
+            self.max_outage is None or outage < self.max_outage
+        ):
+            return None
+        error = GaveUpError(
+            "gave up after %d failed attempts in a row and %.1f s without a healthy connection; "
+            "the last: %s" % (attempts, outage, exc),
+            attempts=attempts,
+            outage=outage,
+        )
+        error.__cause__ = exc
+        return error
 
     def _renews_session(self, exc: BaseException) -> bool:
         return False  # the consumer knows about sessions
@@ -590,6 +688,26 @@ class _Follow(_Delivery):
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+
+    def _set_paused(self, paused: bool) -> None:
+        """On the loop's thread: stop reading the socket (and rest the watchdog), or resume."""
+        if paused == self._paused:
+            return
+        self._paused = paused
+        stream = self._stream
+        if self._state != STREAMING or stream is None:
+            return  # applied when the feed reaches streaming (see _follow_phase)
+        if paused:
+            watchdogs = self._watchdogs()
+            if watchdogs is not None:
+                watchdogs.discard(self)
+            self._register(stream)
+            return
+        self._last_activity = self.loop.time()  # the silence counts from the resume
+        self._arm_watchdog(STREAMING)
+        self._register(stream)
+        if stream.has_buffered_bytes():
+            self.loop.call_soon(self.handle_read)
 
     def _request_stop(self) -> None:
         """On the loop's thread: stop now, or once the change being delivered is done."""

@@ -8,7 +8,7 @@ stream itself knows no loop, no timers and no user callbacks; failures are raise
 """
 
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from . import _transport
 from ._events import NEED_DATA, ConnectionClosed, Data, EndOfMessage, Response
@@ -169,13 +169,14 @@ class FeedStream:
             return Want.DONE
         return self._want
 
-    def start(self) -> Want:
-        """Begin connecting; return the readiness to wait for.
+    def start(self, addrs: Optional[Sequence[Any]] = None) -> Want:
+        """Begin connecting (to ``addrs``, resolved already, if given); return the readiness
+        to wait for.
 
         Raises:
             ConnectError: the name did not resolve or the connection failed at once.
         """
-        self._want = self.connection.start()
+        self._want = self.connection.start() if addrs is None else self.connection.start(addrs)
         if self._want is Want.DONE:
             self._begin_sending()
         return self.want()

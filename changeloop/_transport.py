@@ -22,6 +22,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 from .errors import (
     ConnectError,
     ConnectTimeout,
+    NameResolutionError,
     NetworkError,
     ReadError,
     ReadTimeout,
@@ -208,6 +209,8 @@ def map_socket_error(exc: BaseException, *, host: str, port: int, phase: str) ->
             "out of file descriptors during %s with %s (%s); open-file limit: %s"
             % (phase, where, exc, _fd_limit_text())
         )
+    if isinstance(exc, socket.gaierror) and exc.errno == getattr(socket, "EAI_NONAME", None):
+        return NameResolutionError("could not resolve %s: name does not exist" % (where,))
     if phase == "resolve" or isinstance(exc, socket.gaierror):
         return ConnectError("could not resolve %s: %s" % (where, exc))
     if connecting:
@@ -360,11 +363,12 @@ class NonBlockingConnection:
         """Return the socket's descriptor, or -1 before :meth:`start` and after :meth:`close`."""
         return self.sock.fileno() if self.sock is not None else -1
 
-    def start(self) -> Want:
+    def start(self, addrs: Optional[Sequence[AddrInfo]] = None) -> Want:
         """Resolve the host and start connecting to its first address.
 
         ``getaddrinfo`` blocks (the stdlib has no non-blocking resolver); it is instant for
-        address literals and usually quick with a local cache.
+        address literals and usually quick with a local cache. A caller on an event loop
+        resolves elsewhere (:mod:`changeloop._resolve`) and passes the answer as ``addrs``.
 
         Returns:
             The readiness to wait for before calling :meth:`advance` (usually ``Want.WRITE``).
@@ -376,7 +380,7 @@ class NonBlockingConnection:
             raise RuntimeError("cannot start %r: start() runs once" % (self,))
         self.state = "resolving"
         try:
-            self._addrs = tuple(resolve(self.host, self.port))
+            self._addrs = tuple(addrs if addrs is not None else resolve(self.host, self.port))
         except ConnectError:
             self.close()
             raise

@@ -160,6 +160,13 @@ class Consumer(_Follow):
             is never held back waiting for more. The batch is the unit of delivery: it counts
             as delivered when the callbacks return, checkpoints fall between batches, and a
             failing callback stops (or, with ``"skip"``, skips) the whole batch.
+        max_retries: give up after this many failed attempts in a row (connections that
+            failed, or ended at once with nothing new), stopping with
+            :class:`~changeloop.errors.GaveUpError`; ``None`` (the default) retries for ever,
+            so a long outage is survived. Fatal errors (a 404, a refused login) stop at once
+            whatever this says.
+        max_outage: give up once this many seconds passed without a healthy connection (one
+            that delivered a change or stayed up ``healthy_after``); ``None``: never.
         rng: the random source of the backoff jitter (for tests).
     """
 
@@ -180,6 +187,8 @@ class Consumer(_Follow):
         "first_byte_timeout",
         "healthy_after",
         "max_line_bytes",
+        "max_outage",
+        "max_retries",
         "reconnect_base",
         "reconnect_cap",
         "watchdog_heartbeats",
@@ -211,12 +220,18 @@ class Consumer(_Follow):
         checkpoint_interval: float = CHECKPOINT_EVERY_S,
         max_line_bytes: int = MAX_LINE_BYTES,
         batch_size: Optional[int] = None,
+        max_retries: Optional[int] = None,
+        max_outage: Optional[float] = None,
         rng: Optional[random.Random] = None,
     ) -> None:
         if callback_errors not in ("stop", "skip"):
             raise ValueError("callback_errors must be 'stop' or 'skip'")
         if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
             raise ValueError("batch_size must be a positive integer or None")
+        if max_retries is not None and (type(max_retries) is not int or max_retries < 0):
+            raise ValueError("max_retries must be a count (0 or more) or None")
+        if max_outage is not None and not max_outage > 0:
+            raise ValueError("max_outage must be a positive number of seconds or None")
         self._init_follow()
         # Each setting keeps its constructor argument's name and meaning (see the class's Args);
         # changing one takes effect at the next start() or connection.
@@ -239,6 +254,8 @@ class Consumer(_Follow):
         self.checkpoint_interval = checkpoint_interval  #: Seconds between checkpoints.
         self.max_line_bytes = max_line_bytes  #: The longest feed line accepted.
         self.batch_size = batch_size  #: Changes per callback call, or ``None`` for one.
+        self.max_retries = max_retries  #: Failed attempts in a row before giving up, or ``None``.
+        self.max_outage = max_outage  #: Seconds without a healthy connection before giving up.
         self._rng = rng or _follow._SHARED_RNG
         self._params: Dict[str, Any] = {}
         self._sent_cookie: Optional[str] = None  # the session cookie of the last feed request
@@ -448,7 +465,8 @@ class Consumer(_Follow):
         self._attempt = 0
         self._caught_up = False
         self._session_renewed = False
-        self._saved_at = self.loop.time()
+        self._pending = None
+        self._saved_at = self._healthy_at = self.loop.time()
         self._move("start")
         self._want_turn()
 
@@ -462,8 +480,8 @@ class Consumer(_Follow):
         ``batch_size``), until :meth:`stop`.
 
         Runs the loop in this thread (serving every other consumer on it too). Returns when the
-        consumer is stopped: by :meth:`stop` from a callback or another thread, by ``limit``, or
-        by Ctrl-C (the checkpoint is saved first).
+        consumer is stopped: by :meth:`stop` from a callback or another thread, or by ``limit``.
+        Ctrl-C stops it too, saves the checkpoint, and re-raises ``KeyboardInterrupt``.
 
         Raises:
             HTTPError, TLSError, CallbackError...: the fatal error that stopped the consumer.
@@ -480,7 +498,8 @@ class Consumer(_Follow):
         except KeyboardInterrupt:
             logger.info("%s: interrupted; stopping", self.db.name)
             self._blocking = False  # run() has returned: a loop.stop() now would end the next one
-            loop.call_threadsafe(self._finish, None)
+            loop.call_threadsafe(self._finish, None)  # the checkpoint is saved, then:
+            raise
         finally:
             self._blocking = False
         if self.error is not None:
@@ -509,6 +528,52 @@ class Consumer(_Follow):
         loop = self._loop
         if loop is not None:
             loop.call_threadsafe(self._request_stop)
+
+    def pause(self) -> None:
+        """Stop reading this feed: TCP's flow control then holds the server back, and the
+        silence watchdog rests. Thread-safe; idempotent.
+
+        For backpressure: a callback that hands changes to a bounded queue served by another
+        thread pauses when the queue is full, and that thread resumes when it has drained it.
+        The changes of the read in progress are still delivered. A feed paused while it
+        connects is paused once it streams.
+        """
+        self.loop.call_threadsafe(self._set_paused, True)
+
+    def resume(self) -> None:
+        """Read this feed again, from where it stopped. Thread-safe; idempotent."""
+        self.loop.call_threadsafe(self._set_paused, False)
+
+    @property
+    def paused(self) -> bool:
+        """Whether :meth:`pause` holds this feed."""
+        return self._paused
+
+    def stats(self) -> Dict[str, Any]:
+        """What an operator asks at 3 a.m., as a plain dict (for any metrics system).
+
+        Keys: ``state``, ``phase``, ``paused``, ``connections``, ``delivered``, ``last_seq``,
+        ``last_error`` (its text, or ``None``), ``last_error_at`` (``time.time()`` then),
+        ``since_last_byte`` (seconds, while connected; else ``None``), ``pending`` (the
+        changes the server last said were left, CouchDB 2+; else ``None``). Reading it costs
+        nothing per change: these are kept anyway. Safe to read from any thread.
+        """
+        loop = self._loop
+        connected = self._state in _follow.CONNECTED_STATES and loop is not None
+        last_error = self._last_error
+        return {
+            "db": self.db.name,
+            "state": self.state,
+            "phase": self._state,
+            "paused": self._paused,
+            "connections": self.connections,
+            "delivered": self.delivered,
+            "last_seq": self._since,
+            "last_error": None if last_error is None else str(last_error[0]),
+            "last_error_at": None if last_error is None else last_error[1],
+            "since_last_byte": loop.time() - self._last_activity if connected else None,  # type: ignore[union-attr]
+            "pending": self._pending,
+        }
 
     # -- what the state machine asks of a consumer --------------------------------------------
 

@@ -15,6 +15,7 @@ __all__ = [
     "LineTooLongError",
     "NetworkError",
     "ConnectError",
+    "NameResolutionError",
     "ReadError",
     "TLSError",
     "Timeout",
@@ -32,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "ResourceLimitError",
     "ResponseTooLargeError",
+    "GaveUpError",
 ]
 
 
@@ -87,6 +89,12 @@ class NetworkError(ChangeloopError):
 
 class ConnectError(NetworkError):
     """The connection could not be made: refused, unreachable, or the name did not resolve."""
+
+
+class NameResolutionError(ConnectError):
+    """The host name does not exist (DNS says so: ``EAI_NONAME``), as opposed to a resolver
+    that could not answer right now (a plain :class:`ConnectError`). Still retried by a
+    consumer, as a name can appear (a container starting); see ``max_retries``."""
 
 
 class ReadError(NetworkError):
@@ -250,3 +258,26 @@ class ResourceLimitError(ConnectError):
     The message says how many were needed and what the limit is. A consumer retries after a
     backoff, as descriptors may be freed in the meantime.
     """
+
+
+class GaveUpError(ChangeloopError):
+    """A consumer stopped retrying: its ``max_retries`` attempts in a row failed, or it had no
+    healthy connection for ``max_outage`` seconds. The last failure is chained as
+    ``__cause__``.
+
+    Attributes:
+        attempts: the failed attempts in a row.
+        outage: seconds since the consumer last had a healthy connection (or started).
+    """
+
+    def __init__(self, message: str, *, attempts: int = 0, outage: float = 0.0) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.outage = outage
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_gave_up, (str(self), self.attempts, self.outage))
+
+
+def _rebuild_gave_up(message: str, attempts: int, outage: float) -> "GaveUpError":
+    return GaveUpError(message, attempts=attempts, outage=outage)

@@ -198,6 +198,7 @@ class Loop:
         # call_threadsafe() holds it around a call (as the loop's owner); _claim() and close()
         # refuse that owner at once instead of waiting for the lock it holds.
         self._state_lock = threading.Lock()
+        self._stats_sources: Dict[str, Callable[[], Any]] = {}
         self._running = False
         self._stopping = False
         self._owner: Optional[int] = None  # the thread id inside a run method, while it runs
@@ -338,6 +339,27 @@ class Loop:
         self._ready.append(handle)  # before waking, so the woken pass sees it
         self._wake()
         return handle
+
+    def add_stats_source(self, name: str, source: Callable[[], Any]) -> None:
+        """Add ``name: source()`` to what :meth:`stats` returns (how the consumers of a loop
+        report their counts without the loop knowing them). Not thread-safe."""
+        self._stats_sources[name] = source
+
+    def stats(self) -> Dict[str, Any]:
+        """A plain dict for a metrics system: handlers, timers, queued callbacks, whether it
+        runs, and what the sources added (``feeds``: how many consumers are in each state).
+        Thread-safe enough to read from another thread (the counts may be a pass old)."""
+        handlers = 0 if self._closed else len(self._selector.get_map()) - 1 + len(self._parked)
+        stats: Dict[str, Any] = {
+            "running": self._running,
+            "closed": self._closed,
+            "handlers": handlers,
+            "timers": len(self._timers) - self._cancelled_timers,
+            "ready": len(self._ready),
+        }
+        for name, source in list(self._stats_sources.items()):
+            stats[name] = source()
+        return stats
 
     def call_threadsafe(self, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn(*args)`` as the loop's own thread would. Any tier; thread-safe.

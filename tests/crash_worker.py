@@ -35,7 +35,7 @@ RECONNECT_CAP_S = 0.5
 
 
 def _terminate(signum: int, frame: Optional[FrameType]) -> None:
-    raise KeyboardInterrupt  # Consumer.wait() saves the checkpoint and returns
+    raise KeyboardInterrupt  # Consumer.wait() saves the checkpoint and re-raises it
 
 
 def main(argv: List[str]) -> int:
@@ -62,7 +62,10 @@ def main(argv: List[str]) -> int:
                 reconnect_cap=RECONNECT_CAP_S,
             )
             with consumer:
-                consumer.wait(record, since=0, heartbeat=HEARTBEAT_MS)
+                try:
+                    consumer.wait(record, since=0, heartbeat=HEARTBEAT_MS)
+                except KeyboardInterrupt:
+                    pass  # SIGTERM: a clean stop, the checkpoint saved
     finally:
         os.close(fd)
     return 0

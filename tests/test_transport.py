@@ -30,6 +30,7 @@ from changeloop._transport import (
 from changeloop.errors import (
     ConnectError,
     ConnectTimeout,
+    NameResolutionError,
     NetworkError,
     ReadError,
     ReadTimeout,
@@ -231,7 +232,12 @@ def _verify_error(message: str) -> ssl.SSLCertVerificationError:
 @pytest.mark.parametrize(
     "exc, phase, expected",
     [
-        (socket.gaierror(-2, "Name or service not known"), "resolve", ConnectError),
+        (
+            socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+            "resolve",
+            NameResolutionError,
+        ),
+        (socket.gaierror(socket.EAI_AGAIN, "Temporary failure"), "resolve", ConnectError),
         (ConnectionRefusedError(111, "Connection refused"), "connect", ConnectError),
         (socket.timeout("timed out"), "connect", ConnectTimeout),
         (socket.timeout("timed out"), "TLS handshake", ConnectTimeout),
