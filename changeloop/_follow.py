@@ -421,6 +421,9 @@ class _Follow(_Delivery):
 
     def _want_turn(self) -> None:
         """In ``waiting``: take a turn at once if the gate has room, else queue for one."""
+        if self._limit is not None and self.delivered >= self._limit:
+            self._finish(None)  # limit=0, or reached exactly when a feed ended
+            return
         gate = _gate_of(self.loop)
         if len(gate.connecting) < MAX_CONNECTING_PER_LOOP:
             gate.connecting.add(self)
@@ -435,6 +438,8 @@ class _Follow(_Delivery):
         if gate is None or self not in gate.connecting:
             return
         gate.connecting.discard(self)
+        if loop is None or loop.closed:
+            return  # nobody will run a turn: the waiting consumers stop with their loop
         while gate.waiting and len(gate.connecting) < MAX_CONNECTING_PER_LOOP:
             successor = gate.waiting.popleft()
             if successor._state == WAITING and successor not in gate.connecting:
@@ -620,6 +625,9 @@ class _Follow(_Delivery):
             return
         now = self.loop.time()
         self._last_error = (exc, time.time())
+        if self._stop_requested:  # stop() was asked while delivering: it wins over a retry
+            self._finish(exc if is_fatal(exc) else None)
+            return
         if is_fatal(exc) and not self._renews_session(exc):
             logger.error("%s: %s; stopping", self.db.name, exc)
             self._finish(exc)
@@ -726,20 +734,22 @@ class _Follow(_Delivery):
         was_streaming = state == STREAMING
         self._close_stream()
         self._move("stop")
-        self.error = error
         if self.checkpoint is not None:
             try:
                 self._save_checkpoint()
             except Exception as exc:
                 logger.error("%s: %s", self.db.name, exc)
-                if self.error is None:
-                    self.error = exc  # wait() raises it: a lost checkpoint is not a clean stop
+                if error is None:
+                    error = exc  # wait() raises it: a lost checkpoint is not a clean stop
+        self.error = error
+        logger.info("%s: stopped after %d changes", self.db.name, self.delivered)
+        # The callbacks below may start the consumer again (self.error is then reset): they
+        # are told of this stop's error, and a blocking wait() ends only if it stays stopped.
         if was_streaming:
             self._report(self.on_disconnect, self._event("disconnect", error=error))
-        if self.error is not None:
-            self._report(self.on_error, self._event("error", error=self.error))
-        logger.info("%s: stopped after %d changes", self.db.name, self.delivered)
-        if self._blocking:
+        if error is not None:
+            self._report(self.on_error, self._event("error", error=error))
+        if self._blocking and (self._state == STOPPED):
             self.loop.stop()
 
 

@@ -424,7 +424,10 @@ class Consumer(_Follow):
                 closed.
             ValueError: a ``feed`` parameter, or parameters CouchDB would refuse.
         """
-        if self.running:
+        loop = self.loop
+        if self.running and (loop.in_loop_thread() or not loop.is_running()):
+            # (From another thread while the loop runs, a stop() posted just before may still
+            # be queued: the loop's thread decides then, in _begin.)
             raise RuntimeError("the consumer is already running")
         if callback is not None and not callable(callback):
             raise TypeError("a callback must be callable")
@@ -437,27 +440,45 @@ class Consumer(_Follow):
             )
         params.pop("feed", None)
         params.setdefault("heartbeat", DEFAULT_HEARTBEAT_MS)
+        limit = params.get("limit")
+        if limit is not None:
+            params["limit"] = _count("limit", limit)
         changes_request(self.db.path, "continuous", since, params)  # validate now, not later
-        loop = self.loop
+        try:
+            silence = silence_allowance(params, self.watchdog_heartbeats)
+        except (TypeError, ValueError) as exc:
+            raise ValueError("heartbeat and timeout are milliseconds: %s" % exc) from None
         if loop.closed:
             raise RuntimeError("the consumer's loop is closed")
         stored = self.checkpoint.load() if self.checkpoint is not None else None
         active = self._callbacks
         if callback is not None and callback not in active:
             active += (callback,)
-        loop.call_threadsafe(self._begin, stored if stored is not None else since, params, active)
+        start = stored if stored is not None else since
+        loop.call_threadsafe(self._begin, start, params, active, silence)
         return self
 
-    def _begin(self, since: Any, params: Dict[str, Any], active: Any) -> None:
+    def _begin(self, since: Any, params: Dict[str, Any], active: Any, silence: float) -> None:
         """On the loop's thread: the state a run starts with, then the machine's ``start``."""
         if self.running:
-            logger.warning("%s: started twice; the second start() is ignored", self.db.name)
+            logger.warning("%s: started while running; that start() is ignored", self.db.name)
             return
+        try:
+            self._begin_run(since, params, active, silence)
+        except Exception as exc:  # a guarded door too: reported, never only logged
+            if self._state != _follow.IDLE and self._state != _follow.STOPPED:
+                self._fail(exc)
+            else:
+                logger.error("%s: could not start: %s", self.db.name, exc)
+                self.error = exc
+                self._report(self.on_error, self._event("error", error=exc))
+
+    def _begin_run(self, since: Any, params: Dict[str, Any], active: Any, silence: float) -> None:
         self._since = since
         self._limit = params.get("limit")
         self._params = params
         self._active = active
-        self._silence = silence_allowance(params, self.watchdog_heartbeats)
+        self._silence = silence
         self.error = None
         self._stop_requested = False
         self.delivered = 0
@@ -491,8 +512,12 @@ class Consumer(_Follow):
         loop = self.loop
         if loop.is_running():  # before start(): a refused wait() must not leave a feed behind
             raise RuntimeError("the loop is already running: use start() on a running loop")
-        self.start(callback, since, **params)
-        self._blocking = True
+        self._blocking = True  # before start(): a stop() from elsewhere must end the run
+        try:
+            self.start(callback, since, **params)
+        except BaseException:
+            self._blocking = False
+            raise
         try:
             loop.run(forever=True)
         except KeyboardInterrupt:
@@ -634,3 +659,17 @@ class Consumer(_Follow):
 
     def _event(self, kind: str, **fields: Any) -> FeedEvent:
         return FeedEvent(self, kind, **fields)
+
+
+def _count(name: str, value: Any) -> int:
+    """``value`` as a count (0 or more): an int, or digits as a string (as query strings have
+    them).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("%s must be a count (0 or more), not %r" % (name, value))
+    return value

@@ -49,8 +49,8 @@ LAYERS: Dict[str, int] = {
     "_connection": 4,  # the blocking client's connection: parser + serializer + transport
     "loop": 4,
     "client": 5,
-    "_wheel": 5,
-    "_resolve": 5,  # name resolution off the loop: worker threads answering through the loop  # deadlines for many objects on one loop timer (the consumers' watchdogs)
+    "_wheel": 5,  # deadlines for many objects on one loop timer (the consumers' watchdogs)
+    "_resolve": 5,  # name resolution off the loop: worker threads answering through the loop
     "checkpoint": 6,
     "_delivery": 6,  # rows to callbacks: the one place user code runs
     "_follow": 7,  # a continuous feed's state machine, the loop's handler; delivers via _delivery
