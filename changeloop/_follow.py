@@ -54,26 +54,28 @@ import logging
 import random
 import time
 import weakref
-from typing import Any, Callable, Deque, Dict, FrozenSet, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from ._delivery import Change, _Delivery
+from ._perloop import Watchdogs, counts_of, gate_of, no_wheel, watchdogs_of
+from ._policy import (
+    MAX_CONNECTING_PER_LOOP,
+    QUICK_END_S,
+    backoff_delay,
+    gave_up,
+    is_fatal,
+)
 from ._resolve import is_literal, resolver_of
 from ._stream import FeedStream
 from ._transport import Want
-from ._wheel import DeadlineWheel
 from .errors import (
-    CallbackError,
-    ChangeloopError,
     FeedError,
     GaveUpError,
-    HTTPError,
-    LineTooLongError,
     ReadTimeout,
-    TLSError,
 )
 from .loop import Loop, TimerHandle
 
-__all__ = ["TRANSITIONS", "STATES", "MAX_CONNECTING_PER_LOOP", "is_fatal"]
+__all__ = ["TRANSITIONS", "STATES", "CONNECTED_STATES"]
 
 logger = logging.getLogger("changeloop.consumer")
 
@@ -111,109 +113,8 @@ for _state in _ACTIVE:
     if _state != BACKOFF:
         TRANSITIONS[(_state, "fail")] = BACKOFF
 
-#: Backoff before reconnecting: a random delay in [0, min(cap, base * 2**attempt)] seconds.
-RECONNECT_BASE_S = 0.1
-RECONNECT_CAP_S = 60.0
-#: A connection that stayed up this long, or delivered a change, resets the backoff to its base.
-HEALTHY_AFTER_S = 30.0
-#: Silence, in heartbeats, after which a connection is declared dead: one lost heartbeat is
-#: normal jitter, three in a row is a dead peer or a half-open connection.
-WATCHDOG_HEARTBEATS = 3.0
-#: The longest a connection may take to connect (TCP and TLS), if the heartbeat allowance is
-#: longer still.
-CONNECT_TIMEOUT_S = 30.0
-#: A feed that the server ends cleanly (with ``last_seq``) sooner than this after it opened, and
-#: with no change, is followed again only after a backoff, as after a failure: reconnecting at
-#: once would spin against ``timeout=0`` or a proxy that cuts every response short.
-QUICK_END_S = 1.0
-#: How late a watchdog may notice a dead connection: its deadlines are rounded up to this.
-WATCHDOG_RESOLUTION = 0.1
-#: How many consumers of one loop may be connecting at once (TCP, TLS, the request, the response
-#: head, and the since=now question); the others wait their turn, in order. Starting 10,000
-#: feeds would otherwise open 10,000 connections in one pass: the server's listen backlog
-#: overflows (dropped SYNs are retried a second later), CouchDB gets a thundering herd, and the
-#: short-lived objects of 10,000 simultaneous connections fragment the heap for good (about 2 KB
-#: of resident memory per feed, measured by benchmarks/bench_scale.py).
-MAX_CONNECTING_PER_LOOP = 100
-
-#: Statuses that say "try again later": 408, 425, 429 and the 5xx family but for 501 and 505,
-#: which say the request will never work. Every other status (a 3xx: CouchDB never redirects
-#: ``_changes``; a 4xx: the request is wrong or not allowed) stops the consumer.
-RETRY_STATUSES: FrozenSet[int] = frozenset(
-    [408, 425, 429] + [s for s in range(500, 600) if s not in (501, 505)]
-)
-#: The backoff jitter's random source when none is given: one for all consumers, since a
-#: ``random.Random`` holds a 2.5 KB Mersenne Twister state, more than the rest of an idle feed.
-_SHARED_RNG = random.Random()
-
-
-def is_fatal(exc: BaseException) -> bool:
-    """Whether a feed stops for good on ``exc`` rather than reconnecting after a backoff."""
-    if isinstance(exc, HTTPError):
-        return exc.status not in RETRY_STATUSES
-    if isinstance(exc, (TLSError, LineTooLongError, CallbackError)):
-        return True
-    return not isinstance(exc, ChangeloopError)  # a bug of ours, not the network's: don't spin
-
-
-class _ConnectGate:
-    """The consumers of one loop holding a turn to connect, and those waiting for one, in order."""
-
-    __slots__ = ("connecting", "waiting", "__weakref__")
-
-    def __init__(self) -> None:
-        self.connecting: Set[_Follow] = set()
-        self.waiting: Deque[_Follow] = collections.deque()
-
-
-#: One gate per loop, kept as long as the loop lives.
-_GATES: "weakref.WeakKeyDictionary[Loop, _ConnectGate]" = weakref.WeakKeyDictionary()
-
-_Watchdogs = DeadlineWheel["_Follow"]
-#: The watchdogs of each loop's consumers on one timing wheel (see _wheel): re-arming one is
-#: O(1), where a heap timer per consumer cost O(log n) comparisons on cold memory. Only the loop's
-#: pending timer keeps a wheel alive; this registry and the consumers refer to it weakly. The
-#: wheel holds the consumers themselves, as the loop's selector does while they stream, so a loop
-#: closed (its timers dropped) or dropped lets go of its wheel, and the wheel of its consumers.
-_WATCHDOGS: "weakref.WeakKeyDictionary[Loop, weakref.ReferenceType[_Watchdogs]]" = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _no_wheel() -> Optional[_Watchdogs]:
-    """A consumer's wheel reference before it armed a watchdog: like a dead weak reference."""
-    return None
-
-
-def _watchdogs_of(loop: Loop) -> _Watchdogs:
-    ref = _WATCHDOGS.get(loop)
-    wheel = None if ref is None else ref()
-    if wheel is None:
-        # Called unbound, one call less per firing: no subclass overrides _watchdog.
-        wheel = DeadlineWheel(loop, _Follow._watchdog, WATCHDOG_RESOLUTION)
-        _WATCHDOGS[loop] = weakref.ref(wheel)
-    return wheel
-
-
-#: How many of each loop's consumers are in each state, for Loop.stats() (kept per transition).
-_COUNTS: "weakref.WeakKeyDictionary[Loop, collections.Counter[str]]" = weakref.WeakKeyDictionary()
-
-
-def _counts_of(loop: Loop) -> "collections.Counter[str]":
-    counts = _COUNTS.get(loop)
-    if counts is None:
-        counts = _COUNTS[loop] = collections.Counter()
-        loop.add_stats_source(
-            "feeds", lambda: {s: counts[s] for s in STATES if s != IDLE and counts[s] > 0}
-        )
-    return counts
-
-
-def _gate_of(loop: Loop) -> _ConnectGate:
-    gate = _GATES.get(loop)
-    if gate is None:
-        gate = _GATES[loop] = _ConnectGate()
-    return gate
+def _counts_of_states(loop: Loop) -> "collections.Counter[str]":
+    return counts_of(loop, [state for state in STATES if state != IDLE])
 
 
 class _Follow(_Delivery):
@@ -263,7 +164,7 @@ class _Follow(_Delivery):
         self._timer: Optional[TimerHandle] = None  # the backoff's, the one timer of a state
         #: The loop's watchdog wheel, once this consumer armed its watchdog: a weak reference
         #: (only the loop's timer may keep a wheel alive, see _WATCHDOGS); _no_wheel before.
-        self._watchdogs: Callable[[], Optional[_Watchdogs]] = _no_wheel
+        self._watchdogs: Callable[[], Optional[Watchdogs]] = no_wheel
         self._last_activity = 0.0  # the last byte read or written, or the phase's start
         self._connected_at: Optional[float] = None  # when the feed's 200 head arrived
         self._attempt = 0  # failed attempts since the last healthy connection
@@ -291,7 +192,7 @@ class _Follow(_Delivery):
         if new is None:
             raise RuntimeError("no transition for %r in state %r" % (event, old))
         self._state = new
-        counts = _counts_of(self.loop)
+        counts = _counts_of_states(self.loop)
         counts[old] -= 1
         counts[new] += 1
         if old == BACKOFF and self._timer is not None:
@@ -300,7 +201,7 @@ class _Follow(_Delivery):
         if old == WAITING and new != CONNECTING:
             self._leave_gate()  # the turn it was given, if it was given one already
             try:
-                _gate_of(self.loop).waiting.remove(self)  # rare (a stop), and O(waiting)
+                gate_of(self.loop).waiting.remove(self)  # rare (a stop), and O(waiting)
             except ValueError:
                 pass
         elif old in _GATED and new not in _GATED:
@@ -330,7 +231,7 @@ class _Follow(_Delivery):
     def _arm_watchdog(self, state: str) -> None:
         wheel = self._watchdogs()
         if wheel is None:  # the first time, or the loop's wheel emptied and went
-            wheel = _watchdogs_of(self.loop)
+            wheel = watchdogs_of(self.loop, _Follow._watchdog)  # unbound: one call less
             self._watchdogs = weakref.ref(wheel)  # the registry's own reference: no new object
         wheel.set(self, self._last_activity + self._allowance(state))
 
@@ -410,7 +311,7 @@ class _Follow(_Delivery):
     def _take_turn(self) -> None:
         """The connect gate's call: this consumer holds a turn, so open a connection."""
         try:
-            if self._state != WAITING or self not in _gate_of(self.loop).connecting:
+            if self._state != WAITING or self not in gate_of(self.loop).connecting:
                 return  # a stale turn: stopped since (and maybe started anew, queued again)
             self._move("turn")
             self._open_connection()
@@ -424,7 +325,7 @@ class _Follow(_Delivery):
         if self._limit is not None and self.delivered >= self._limit:
             self._finish(None)  # limit=0, or reached exactly when a feed ended
             return
-        gate = _gate_of(self.loop)
+        gate = gate_of(self.loop)
         if len(gate.connecting) < MAX_CONNECTING_PER_LOOP:
             gate.connecting.add(self)
             self.loop.call_soon(self._take_turn)
@@ -434,7 +335,7 @@ class _Follow(_Delivery):
     def _leave_gate(self) -> None:
         """Give back this consumer's turn, if it holds one: the next waiting one takes it."""
         loop = self._loop
-        gate = None if loop is None else _GATES.get(loop)
+        gate = None if loop is None else gate_of(loop)
         if gate is None or self not in gate.connecting:
             return
         gate.connecting.discard(self)
@@ -666,28 +567,16 @@ class _Follow(_Delivery):
 
     def _gives_up(self, exc: BaseException, now: float) -> Optional[GaveUpError]:
         """The error to stop with if the give-up policy says so after failure ``exc``."""
-        attempts = self._attempt + 1  # this failure included
         outage = now - self._healthy_at
-        if (self.max_retries is None or attempts <= self.max_retries) and (
-            self.max_outage is None or outage < self.max_outage
-        ):
-            return None
-        error = GaveUpError(
-            "gave up after %d failed attempts in a row and %.1f s without a healthy connection; "
-            "the last: %s" % (attempts, outage, exc),
-            attempts=attempts,
-            outage=outage,
-        )
-        error.__cause__ = exc
-        return error
+        return gave_up(exc, self._attempt + 1, outage, self.max_retries, self.max_outage)
 
     def _renews_session(self, exc: BaseException) -> bool:
         return False  # the consumer knows about sessions
 
     def _backoff(self) -> float:
-        ceiling = min(self.reconnect_cap, self.reconnect_base * (2 ** min(self._attempt, 32)))
+        delay = backoff_delay(self._rng, self.reconnect_base, self.reconnect_cap, self._attempt)
         self._attempt += 1
-        return self._rng.uniform(0, ceiling)
+        return delay
 
     def _close_stream(self) -> None:
         if self._fd >= 0:

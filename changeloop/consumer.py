@@ -29,16 +29,7 @@ from ._delivery import (
     Change,
 )
 from ._feed import MAX_LINE_BYTES, decode_document
-from ._follow import (
-    CONNECT_TIMEOUT_S,
-    HEALTHY_AFTER_S,
-    MAX_CONNECTING_PER_LOOP,
-    RECONNECT_BASE_S,
-    RECONNECT_CAP_S,
-    WATCHDOG_HEARTBEATS,
-    WATCHDOG_RESOLUTION,
-    _Follow,
-)
+from ._follow import _Follow
 from ._iterate import ChangesIterator
 from ._params import (
     DEFAULT_HEARTBEAT_MS,
@@ -46,6 +37,17 @@ from ._params import (
     changes_request,
     heartbeat_seconds,
     silence_allowance,
+)
+from ._perloop import no_wheel
+from ._policy import (
+    _SHARED_RNG,
+    CONNECT_TIMEOUT_S,
+    HEALTHY_AFTER_S,
+    MAX_CONNECTING_PER_LOOP,
+    RECONNECT_BASE_S,
+    RECONNECT_CAP_S,
+    WATCHDOG_HEARTBEATS,
+    WATCHDOG_RESOLUTION,
 )
 from ._stream import FeedStream
 from ._transport import NonBlockingConnection
@@ -256,7 +258,7 @@ class Consumer(_Follow):
         self.batch_size = batch_size  #: Changes per callback call, or ``None`` for one.
         self.max_retries = max_retries  #: Failed attempts in a row before giving up, or ``None``.
         self.max_outage = max_outage  #: Seconds without a healthy connection before giving up.
-        self._rng = rng or _follow._SHARED_RNG
+        self._rng = rng or _SHARED_RNG
         self._params: Dict[str, Any] = {}
         self._sent_cookie: Optional[str] = None  # the session cookie of the last feed request
         self._session_renewed = False  # a 401 dropped the session cookie since the last connect
@@ -317,7 +319,7 @@ class Consumer(_Follow):
         if self._own_loop and self._loop is not None and not self._loop.is_running():
             self._loop.close()
             self._loop = None
-            self._watchdogs = _follow._no_wheel
+            self._watchdogs = no_wheel
 
     def __enter__(self) -> "Consumer":
         return self

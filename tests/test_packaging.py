@@ -53,6 +53,8 @@ LAYERS: Dict[str, int] = {
     "_resolve": 5,  # name resolution off the loop: worker threads answering through the loop
     "checkpoint": 6,
     "_delivery": 6,  # rows to callbacks: the one place user code runs
+    "_policy": 4,  # the feed's timings and failure rules: numbers with their reasons
+    "_perloop": 6,  # what one loop's consumers share: the connect gate, the wheel, the counts
     "_follow": 7,  # a continuous feed's state machine, the loop's handler; delivers via _delivery
     "_iterate": 7,  # Consumer.changes(): handed its consumer, it needs not import it
     "consumer": 8,
