@@ -15,8 +15,8 @@ parsed by our own :class:`~changeloop._http.ResponseParser`. The transport drive
 the client and non-blocking for a feed (one more phase of connecting, under the same deadline).
 
 A proxy that refuses the login (407, or 401 from some proxies) is an :class:`HTTPError` that
-stops a feed; one that cannot reach the origin (502, 503, 504) a :class:`ConnectError`, which a
-feed retries. Proxy credentials live in a :class:`Credentials`; no message shows the password.
+stops a feed; one that cannot reach the origin (500, 502, 503, 504 to CONNECT) a
+:class:`ConnectError`, which a feed retries, as it retries a 5xx to a forwarded request. Proxy credentials live in a :class:`Credentials`; no message shows the password.
 A proxy reached over TLS (an ``https://`` proxy URL) is not supported: it is refused at once.
 """
 
@@ -40,10 +40,9 @@ __all__ = [
     "refused_by_proxy",
 ]
 
-#: What a proxy's answer to CONNECT may be without the tunnel being refused for good: the proxy
-#: could not reach the origin, or is overloaded (RFC 9110 §15.6.3-5). Retried like a failed
-#: connection.
-UNREACHABLE_STATUSES = frozenset([502, 503, 504])
+#: A proxy's answers to CONNECT that say it could not reach the origin (RFC 9110 §15.6.3-5;
+#: tinyproxy says 500 "Unable to connect"), or is overloaded: a failed connection, retried.
+UNREACHABLE_STATUSES = frozenset([500, 502, 503, 504])
 
 ProxySetting = Union[str, bool, None]
 
@@ -270,9 +269,7 @@ class Tunnel:
 
     def wire(self, offset: int = 0) -> bytes:
         """The CONNECT request's bytes from ``offset``, credentials included: send, don't keep."""
-        request = PreparedRequest(
-            "CONNECT", self.authority, self.authority, self.proxy.headers()
-        )
+        request = PreparedRequest("CONNECT", self.authority, self.authority, self.proxy.headers())
         return request.wire()[offset:]
 
     def receive(self, data: bytes) -> bool:
@@ -280,9 +277,9 @@ class Tunnel:
 
         Raises:
             HTTPError: the proxy refused: 407 or 401 (the login), or another status (a 5xx but
-                502-504 is a ``ServerError``, retried by a feed; a 4xx is fatal).
-            ConnectError: the proxy could not reach the origin (502, 503, 504) or closed the
-                connection before answering.
+                those below is a ``ServerError``, retried by a feed; a 4xx is fatal).
+            ConnectError: the proxy could not reach the origin (500, 502, 503, 504) or closed
+                the connection before answering.
             ProtocolError: the answer is not HTTP/1.1, or bytes follow a 2xx answer before TLS
                 began (the origin cannot speak first in TLS).
         """
