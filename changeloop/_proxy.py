@@ -16,8 +16,9 @@ the client and non-blocking for a feed (one more phase of connecting, under the 
 
 A proxy that refuses the login (407, or 401 from some proxies) is an :class:`HTTPError` that
 stops a feed; one that cannot reach the origin (500, 502, 503, 504 to CONNECT) a
-:class:`ConnectError`, which a feed retries, as it retries a 5xx to a forwarded request. Proxy credentials live in a :class:`Credentials`; no message shows the password.
-A proxy reached over TLS (an ``https://`` proxy URL) is not supported: it is refused at once.
+:class:`ConnectError`, which a feed retries, as it retries a 5xx to a forwarded request. Proxy
+credentials live in a :class:`Credentials`; no message shows the password. A proxy reached over
+TLS (an ``https://`` proxy URL) is not supported: it is refused at once.
 """
 
 import ipaddress
