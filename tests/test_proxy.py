@@ -13,9 +13,12 @@ cannot be, these tests skip with the reason, except under ``CI=true``, where the
 """
 
 import contextlib
+import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -453,3 +456,71 @@ def test_reconnection_through_the_proxy_resumes_without_loss(
     ids = [delivery.key[1] for delivery in follower.deliveries]
     assert ids == sorted(expected), report  # every change, once, in order
     assert follower.consumer.connections == faults.connections >= 7, report
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def cli(tmp_path: Any, *args: str, **env: str) -> "subprocess.CompletedProcess[str]":
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(changeloop.__file__)))
+    variables = {k: v for k, v in os.environ.items() if not k.startswith("COUCHDB_")}
+    variables.update(HOME=str(home), PYTHONPATH=package_parent, PYTHONIOENCODING="utf-8", **env)
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-m", "changeloop", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=variables,
+        cwd=str(tmp_path),
+        text=True,
+        timeout=FEED_DEADLINE_S,
+    )
+
+
+def test_the_command_line_takes_a_proxy_or_none(
+    tmp_path: Any,
+    couchdb_url: str,
+    open_proxy: RunningProxy,
+    auth_proxy: RunningProxy,
+    couchdb_admin: Any,
+    db_name: str,
+) -> None:
+    couchdb_admin.put_db(db_name)
+    couchdb_admin.post_doc(db_name, {"_id": "one"})
+    url = "%s/%s" % (couchdb_url, db_name)
+    mark = "GET %s/%s/_changes" % (couchdb_url, db_name)
+    before = open_proxy.log().count(mark)
+    done = cli(tmp_path, "--feed", "normal", "--proxy", open_proxy.url, url)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == ["one"]
+    assert open_proxy.log().count(mark) == before + 1
+    # The environment's proxy, refusing a login none was given: fatal (3), naming the proxy.
+    refused = cli(tmp_path, "--feed", "normal", url, HTTP_PROXY=auth_proxy.url)
+    assert refused.returncode == 3, refused.stderr
+    assert auth_proxy.url in refused.stderr and "proxy's login" in refused.stderr
+    # --no-proxy: the same environment, ignored.
+    bypassed = cli(tmp_path, "--feed", "normal", "--no-proxy", url, HTTP_PROXY=auth_proxy.url)
+    assert bypassed.returncode == 0, bypassed.stderr
+    # --proxy wins over the environment, its login used and never shown.
+    logged_in = cli(
+        tmp_path, "--feed", "normal", "--proxy", with_login(auth_proxy), url,
+        HTTP_PROXY="http://127.0.0.1:9",
+    )  # fmt: skip
+    assert logged_in.returncode == 0, logged_in.stderr
+    assert PASSWORD not in logged_in.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--proxy", "https://carol:%s@127.0.0.1:3129" % PASSWORD], "is not supported"),
+        (["--proxy", "http://127.0.0.1:3128", "--no-proxy"], "not both"),
+    ],
+)
+def test_the_command_line_refuses_bad_proxy_options(
+    tmp_path: Any, args: List[str], message: str
+) -> None:
+    done = cli(tmp_path, *args, "http://127.0.0.1:5984/db")
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert PASSWORD not in done.stderr
