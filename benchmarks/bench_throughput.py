@@ -9,9 +9,10 @@ the chunk framing removed with ``bytes.find`` and offsets, lines split on ``b"\\
 ``json.loads`` per non-empty line. The changeloop rows are its continuous ``Consumer`` end to end
 (socket, HTTP parser, feed decoder, loop, and a callback per change that does nothing), also in
 batch mode (``batch_size=1000``, a callback per list that counts it), with the feed decoder's
-plain fallback forced, and over TLS. Other clients are measured when importable, and a tuned
-pure-stdlib pipeline gives a reference ceiling. ``benchmarks/bench_fetch.py`` measures the
-one-shot ``fetch()``/``wait_once()`` on large bodies.
+plain fallback forced, over TLS, and through a real HTTP proxy (tinyproxy, if installed:
+``tests/proxyserver.py``), plain and through its CONNECT with TLS. Other clients are measured
+when importable, and a tuned pure-stdlib pipeline gives a reference ceiling.
+``benchmarks/bench_fetch.py`` measures the one-shot ``fetch()``/``wait_once()`` on large bodies.
 
     python benchmarks/bench_throughput.py [--quick | --rows N] [--rounds R] [--include-docs]
         [--only NAME,...] [--compare DIR] [--profile] [--no-c-json]
@@ -72,6 +73,7 @@ class Target(NamedTuple):
     cafile: Optional[str]
     rows: int
     include_docs: bool
+    proxy: Optional[str] = None  # a tinyproxy's URL, for the proxied rows
 
     def path(self) -> str:
         docs = "&include_docs=true" if self.include_docs else ""
@@ -379,6 +381,7 @@ def pipeline_changeloop(
     tls: bool = False,
     fast: bool = True,
     batch_size: Optional[int] = None,
+    proxy: Optional[str] = None,
 ) -> int:
     """changeloop's continuous Consumer, stopping at ``limit`` rows; a do-nothing callback.
 
@@ -399,7 +402,11 @@ def pipeline_changeloop(
     with contextlib.ExitStack() as stack:
         if not fast:
             stack.enter_context(plain_decoder(package))
-        server = package.Server(target.base_url(tls), cafile=target.cafile if tls else None)
+        cafile = target.cafile if tls else None
+        if proxy is None:
+            server = package.Server(target.base_url(tls), cafile=cafile)
+        else:
+            server = package.Server(target.base_url(tls), cafile=cafile, proxy=proxy)
         stack.callback(server.close)
         loop = stack.enter_context(package.Loop())
         if batch_size is None:
@@ -655,13 +662,14 @@ def main() -> int:
     if compare is not None:
         print("compared with: %s" % source_revision(compare))
 
-    with tempfile.TemporaryDirectory() as directory:
+    with tempfile.TemporaryDirectory() as directory, contextlib.ExitStack() as stack:
         pems = make_certificates(directory)
         server = FeedServer(rows, args.include_docs, pems[0] if pems else None)
+        proxy = start_proxy(server, stack)
         try:
             target = Target(
                 "127.0.0.1", server.port, server.tls_port, pems[1] if pems else None,
-                rows, args.include_docs,
+                rows, args.include_docs, proxy,
             )  # fmt: skip
             print(
                 "feed: %d rows of %d bytes%s, one row per chunk; %.1f MB on the wire; %d rounds"
@@ -685,6 +693,21 @@ def main() -> int:
     return 0
 
 
+def start_proxy(server: FeedServer, stack: contextlib.ExitStack) -> Optional[str]:
+    """A tinyproxy for the proxied rows, if one is installed (never installed from here)."""
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    try:
+        import proxyserver
+    except ImportError:
+        return None
+    if proxyserver.find_tinyproxy() is None:
+        return None
+    ports = [server.tls_port] if server.tls_port is not None else []
+    proxy = stack.enter_context(proxyserver.start_tinyproxy(connect_ports=ports))
+    print("proxy: %s" % proxy.url)
+    return str(proxy.url)
+
+
 def build_pipelines(
     target: Target, stream_bytes: int, compare: Optional[types.ModuleType]
 ) -> List[Pipeline]:
@@ -694,6 +717,7 @@ def build_pipelines(
         return Pipeline(key, name, lambda: fn(target))
 
     no_tls = "skipped (trustme not installed)"
+    no_proxy = "skipped (tinyproxy not installed: apt-get install tinyproxy)"
     tls = target.tls_port is not None
     pipelines = [
         Pipeline("raw", "server check: recv_into, no parsing", lambda: pipeline_raw(
@@ -715,6 +739,19 @@ def build_pipelines(
             "changeloop Consumer over TLS",
             (lambda: pipeline_changeloop(target, tls=True)) if tls else None,
             "" if tls else no_tls,
+        ),
+        Pipeline(
+            "changeloop-proxy",
+            "changeloop Consumer via tinyproxy",
+            (lambda: pipeline_changeloop(target, proxy=target.proxy)) if target.proxy else None,
+            "" if target.proxy else no_proxy,
+        ),
+        Pipeline(
+            "changeloop-proxy-tls",
+            "changeloop Consumer, TLS via CONNECT",
+            (lambda: pipeline_changeloop(target, tls=True, proxy=target.proxy))
+            if target.proxy and tls else None,
+            "" if target.proxy and tls else no_proxy if tls else no_tls,
         ),
         Pipeline(
             "b-tls",

@@ -42,6 +42,7 @@ from .errors import (
     CallbackError,
     ChangeloopError,
     CheckpointError,
+    HTTPError,
     NetworkError,
     NotFound,
     TLSError,
@@ -111,6 +112,11 @@ only ever falls between lines.
 credentials: user:password@ in the URL (with a warning: command lines are visible to other
 users), else COUCHDB_USER and COUCHDB_PASSWORD, else ~/.netrc (by host). Never printed.
 
+proxies: http_proxy / https_proxy / all_proxy and no_proxy (either case) are honoured, as curl
+and Python's urllib do; --proxy http://[user:password@]host:port wins over them, --no-proxy
+ignores them. https:// servers are reached through the proxy's CONNECT, with their certificate
+verified as without a proxy. An https:// proxy URL (TLS to the proxy) is not supported.
+
 exit codes:
   0    stopped cleanly: --limit reached, a normal/longpoll feed printed, or Ctrl-C/SIGTERM while
        following (every feed stopped, the last seq checkpointed)
@@ -168,6 +174,10 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any]]] = [
     (("--cacert",), {"metavar": "FILE", "help": "trust the CA certificates in FILE (PEM)"}),
     (("--insecure",), {"action": "store_true", "help": "do not verify TLS certificates: anyone "
         "on the way can read and change the traffic (for tests)"}),
+    (("--proxy",), {"metavar": "URL", "help": "go through this HTTP proxy, "
+        "http://[user:password@]host:port, whatever the environment says (see proxies below)"}),
+    (("--no-proxy",), {"action": "store_true", "help": "use no proxy, whatever http_proxy, "
+        "https_proxy or all_proxy say"}),
     (("-v", "--verbose"), {"action": "count", "default": 0, "help": "say more (-vv: debug)"}),
     (("-q", "--quiet"), {"action": "count", "default": 0, "help": "errors only"}),
     (("--version",), {"action": "version", "version": "changeloop " + __version__}),
@@ -328,6 +338,8 @@ def check_args(args: argparse.Namespace) -> None:
         args.shard = (int(i), int(n))
     if args.insecure and args.cacert:
         raise UsageError("choose --cacert or --insecure, not both")
+    if args.proxy is not None and args.no_proxy:
+        raise UsageError("choose --proxy or --no-proxy, not both")
 
 
 class Progress:
@@ -474,6 +486,8 @@ def hint(error: BaseException) -> str:
     """What to try next, for the failures a user can fix."""
     if isinstance(error, Unauthorized):
         return "; check the credentials (COUCHDB_USER/COUCHDB_PASSWORD, ~/.netrc, the URL)"
+    if isinstance(error, HTTPError) and error.error == "proxy_auth_required":
+        return "; check the proxy's login (--proxy, or http_proxy/https_proxy)"
     if isinstance(error, TLSError) and "certificate" in str(error):
         return "; --cacert FILE trusts a private CA"
     return ""
@@ -503,11 +517,16 @@ class Command:
                 raise UsageError("cannot load --cacert %s: %s" % (args.cacert, exc)) from None
         self.servers: Dict[Tuple[str, Any], Server] = {}
         self.targets: List[Tuple[Server, Optional[str]]] = []  # name None: every database
+        proxy = False if args.no_proxy else args.proxy  # None: the environment decides
         for url in args.url:
             base, name, parts = split_url(url, with_db=args.all_dbs is None)
             auth = find_credentials(parts)
             if (base, auth) not in self.servers:
-                self.servers[base, auth] = Server(base, auth=auth, ssl_context=context)
+                try:
+                    server = Server(base, auth=auth, ssl_context=context, proxy=proxy)
+                except ValueError as exc:  # a bad proxy URL; the message shows no password
+                    raise UsageError(str(exc)) from None
+                self.servers[base, auth] = server
             self.targets.append((self.servers[base, auth], name))
         self.tagged = args.all_dbs is not None or len(self.targets) > 1
         self.loop = Loop()

@@ -10,13 +10,14 @@ import select
 import socket
 import ssl
 import traceback
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 from urllib.parse import unquote, urlsplit
 
 from . import _transport
 from ._events import NEED_DATA, ConnectionClosed, Data, EndOfMessage, Response
 from ._http import ResponseParser
-from ._request import PreparedRequest
+from ._proxy import ProxySetting, Tunnel, choose_proxy
+from ._request import PreparedRequest, Secret
 from .errors import ResponseTooLargeError
 
 __all__ = ["Endpoint", "Connection", "redact_url", "RECV_BYTES"]
@@ -26,9 +27,16 @@ RECV_BYTES = 256 * 1024
 
 
 class Endpoint:
-    """Where a server is and how to reach it; shared with the consumers of its databases."""
+    """Where a server is and how to reach it; shared with the consumers of its databases.
 
-    def __init__(self, url: str, ssl_context: Optional[ssl.SSLContext]) -> None:
+    Through a proxy (``proxy``: see ``_proxy.choose_proxy``), :meth:`route` says where each
+    connection goes and how; a plain ``http`` server's requests then carry absolute-form targets
+    (:attr:`target_base`) and the proxy's login (:meth:`proxy_headers`).
+    """
+
+    def __init__(
+        self, url: str, ssl_context: Optional[ssl.SSLContext], proxy: ProxySetting = None
+    ) -> None:
         # No message may show the URL as given: it can hold a password. The checks raise outside
         # of any ``except`` block, so that urllib's own message (which quotes a bad "port", that
         # is, the start of a password holding a raw "/") is not chained as the context.
@@ -64,6 +72,30 @@ class Endpoint:
         #: The URL with any credentials removed: safe for messages and logs.
         self.url = "%s://%s%s" % (parts.scheme, self.host_header, self.prefix)
         self.ssl_context = (ssl_context or _transport.make_ssl_context()) if self.tls else None
+        #: The HTTP proxy in the way, or ``None``.
+        self.proxy = choose_proxy(proxy, parts.scheme, self.host, self.port)
+        # Plain HTTP goes to the proxy as absolute-form requests (RFC 9112 §3.2.2); TLS goes
+        # through a CONNECT tunnel, inside which requests are as without a proxy.
+        forwarded = self.proxy is not None and not self.tls
+        #: What a request target starts with before the prefix: "" or ``http://host:port``.
+        self.target_base = "http://" + self.host_header if forwarded else ""
+
+    def route(self) -> Tuple[str, int, Dict[str, Any]]:
+        """Where a new connection goes: ``(host, port, options)``, with ``options`` for
+        ``connect_blocking`` or ``NonBlockingConnection`` beside ``ssl_context`` (empty without
+        a proxy, a fresh ``CONNECT`` tunnel for TLS through one)."""
+        proxy = self.proxy
+        if proxy is None:
+            return self.host, self.port, {}
+        if not self.tls:
+            return proxy.host, proxy.port, {"proxy_url": proxy.url}
+        return proxy.host, proxy.port, {"tunnel": Tunnel(proxy, self.host, self.port)}
+
+    def proxy_headers(self) -> List[Tuple[str, Union[str, Secret]]]:
+        """The headers a request carries for the proxy: its login, for plain HTTP through it."""
+        if self.proxy is None or self.tls:
+            return []  # a tunnel's login went with its CONNECT
+        return self.proxy.headers()
 
 
 def redact_url(url: str) -> str:
@@ -85,8 +117,10 @@ class Connection:
 
     def __init__(self, endpoint: Endpoint, timeout: Optional[float]) -> None:
         self.endpoint = endpoint
+        host, port, options = endpoint.route()
+        options.pop("proxy_url", None)  # the client knows its proxy: see Server.raw_request
         self.sock = _transport.connect_blocking(
-            endpoint.host, endpoint.port, ssl_context=endpoint.ssl_context, timeout=timeout
+            host, port, ssl_context=endpoint.ssl_context, timeout=timeout, **options
         )
         self.parser = ResponseParser()
         self.used = False
@@ -169,6 +203,8 @@ class Connection:
     ) -> ResponseTooLargeError:
         url = self.endpoint.url  # it ends with the prefix, which the target starts with
         origin = url[: len(url) - len(self.endpoint.prefix)]
+        if not request.target.startswith("/"):
+            origin = ""  # an absolute-form target, to a proxy: it names the origin itself
         return ResponseTooLargeError(
             "%s %s%s: the answer %s %d body bytes, over the limit of %d (max_body_bytes)"
             % (request.method, origin, request.target, verb, size, limit),

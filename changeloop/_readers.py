@@ -412,6 +412,10 @@ def pick_reader(
     """Pick the body reader by RFC 9112 §6.3; also say whether the framing allows reuse."""
     if method == b"HEAD" or status in (204, 304):
         return _NoBody(), True
+    if method == b"CONNECT" and 200 <= status < 300:
+        # RFC 9112 §6.3 rule 2: the connection is a tunnel after the head; whatever follows is
+        # not a body (and must not be read as one), whatever the headers say.
+        return _NoBody(), False
     transfer_codings = tokens(headers, b"transfer-encoding")
     if transfer_codings:
         # We never send TE, so chunked is the only coding a server may apply (RFC 9112 §6.1).

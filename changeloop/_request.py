@@ -115,8 +115,7 @@ class PreparedRequest:
         body: Union[bytes, Secret, None] = None,
     ) -> None:
         _check_token("method", method)
-        if not target.startswith("/") or any(c <= " " or c == "\x7f" for c in target):
-            raise ValueError("invalid request target %r (origin-form, percent-encoded)" % target)
+        _check_target(method, target)
         _check_value("Host", host)
         lines = ["%s %s HTTP/1.1" % (method, target), "Host: " + host]
         secrets: List[Tuple[str, Secret]] = []
@@ -154,6 +153,20 @@ class PreparedRequest:
         if body:
             parts.append(body)
         return b"".join(parts)
+
+
+def _check_target(method: str, target: str) -> None:
+    """Accept the three forms of RFC 9112 §3.2 we send: origin-form (``/db?x=1``), absolute-form
+    (``http://host/db``, to a proxy) and authority-form (``host:port``, only for ``CONNECT``)."""
+    if method == "CONNECT":
+        valid = bool(target) and "/" not in target and "@" not in target and ":" in target
+    else:
+        valid = target.startswith(("/", "http://"))
+    if not valid or any(c <= " " or c == "\x7f" for c in target):
+        raise ValueError(
+            "invalid request target %r (origin-form, absolute-form to a proxy, or host:port for "
+            "CONNECT; percent-encoded)" % target
+        )
 
 
 def _check_secret(name: str, secret: Secret) -> None:

@@ -14,6 +14,7 @@ from . import _transport
 from ._events import NEED_DATA, ConnectionClosed, Data, EndOfMessage, Response
 from ._feed import LastSeq, LineDecoder, decode_document
 from ._http import ResponseParser
+from ._proxy import refused_by_proxy
 from ._transport import NonBlockingConnection, Want
 from .errors import (
     ChangeloopError,
@@ -340,6 +341,16 @@ class FeedStream:
 
     def _http_error(self) -> HTTPError:
         status = self._error_status
+        # (getattr: test doubles of the connection need not know of proxies)
+        proxy: Optional[str] = getattr(self.connection, "proxy_url", None)
+        if proxy is not None and refused_by_proxy(status, b"".join(self._body)):
+            reason = (
+                "the proxy %s refused the login, or wants one: check the user and password of "
+                "the proxy URL" % proxy
+            )
+            return http_error_for(
+                status, "proxy_auth_required", reason, method=self._method, url=self.url
+            )
         if 300 <= status < 400:
             location = self._location.decode("latin-1")
             return http_error_for(

@@ -8,6 +8,10 @@ connecting nor the TLS handshake ever blocks; the loop owns the timers, it owns 
 Every ``OSError``/``ssl.SSLError`` is translated here by :func:`map_socket_error` (which the
 blocking client also uses for its reads) and chained with ``from``. Messages name ``host:port``
 and the phase, never credentials: callers pass bare host names.
+
+Through an HTTP proxy, a TLS connection has one more phase between TCP and TLS: the ``CONNECT``
+exchange, driven here but spoken by a sans-IO :class:`Tunnel` the caller passes in (see
+``_proxy``), so this module still parses no HTTP. Its deadline is the connection's.
 """
 
 import enum
@@ -17,7 +21,7 @@ import os
 import socket
 import ssl
 import time
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Protocol, Sequence, Tuple, Union
 
 from .errors import (
     ConnectError,
@@ -32,6 +36,7 @@ from .errors import (
 
 __all__ = [
     "Want",
+    "Tunnel",
     "NonBlockingConnection",
     "make_ssl_context",
     "resolve",
@@ -56,8 +61,10 @@ KEEPALIVE_COUNT = 5
 # 8446 section 5.1) keeps retries identical as long as the caller resends from the same offset.
 MAX_TLS_WRITE_BYTES = 16384
 
-PHASES = ("resolve", "connect", "TLS handshake", "read", "write")
-_CONNECT_PHASES = PHASES[:3]
+PHASES = ("resolve", "connect", "proxy CONNECT", "TLS handshake", "read", "write")
+_CONNECT_PHASES = PHASES[:4]
+#: Bytes asked of one ``recv`` while reading a proxy's answer to CONNECT (a short head).
+TUNNEL_RECV_BYTES = 4096
 
 AddrInfo = Tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
 
@@ -68,6 +75,21 @@ class Want(enum.Enum):
     READ = "read"  # wait until the socket is readable, then call advance() again
     WRITE = "write"  # wait until the socket is writable, then call advance() again
     DONE = "done"  # connected (and handshaken): use recv() and send()
+
+
+class Tunnel(Protocol):
+    """A ``CONNECT`` exchange without IO (``_proxy.Tunnel``): what the transport needs of it."""
+
+    host: str  # the origin, whose name TLS sends and verifies inside the tunnel
+    port: int
+    request_bytes: int  # the length of the request
+    sent: int  # how much of it was written; kept by the transport
+
+    def wire(self, offset: int = 0) -> bytes:
+        """The request's bytes from ``offset``, credentials included."""
+
+    def receive(self, data: bytes) -> bool:
+        """Take the proxy's bytes (``b""``: EOF); ``True`` once the tunnel is open."""
 
 
 def _where(host: str, port: int) -> str:
@@ -225,6 +247,7 @@ def connect_blocking(
     ssl_context: Optional[ssl.SSLContext] = None,
     server_hostname: Optional[str] = None,
     timeout: Optional[float],
+    tunnel: Optional[Tunnel] = None,
 ) -> socket.socket:
     """Open a blocking TCP connection, TLS-handshaken if ``ssl_context`` is given.
 
@@ -232,8 +255,11 @@ def connect_blocking(
         host, port: where to connect; IPv6 literals without brackets.
         ssl_context: wrap the socket in TLS with this context (see :func:`make_ssl_context`).
         server_hostname: the name to send (SNI) and verify; defaults to ``host``.
-        timeout: seconds for all addresses and the handshake together, or ``None`` to wait
-            forever. It then stays the socket's timeout for each read (``settimeout`` changes it).
+        timeout: seconds for all addresses, the tunnel and the handshake together, or ``None``
+            to wait forever. It then stays the socket's timeout for each read (``settimeout``
+            changes it).
+        tunnel: ``host:port`` is an HTTP proxy: open this ``CONNECT`` tunnel through it before
+            TLS (``server_hostname`` then names the origin).
     Returns:
         The connected socket (an ``ssl.SSLSocket`` with TLS); the caller closes it.
     Raises:
@@ -241,6 +267,7 @@ def connect_blocking(
             error is chained).
         ConnectTimeout: connecting or the handshake did not finish within ``timeout``.
         TLSError: the handshake failed, e.g. an untrusted certificate or the wrong host name.
+        HTTPError, ConnectError, ProtocolError: the proxy refused the tunnel (see ``Tunnel``).
         ValueError: ``timeout`` is not positive.
     """
     if timeout is not None and timeout <= 0:
@@ -272,6 +299,17 @@ def connect_blocking(
                 break  # the deadline covers all addresses, so none is left for the next one
     if sock is None:
         raise map_socket_error(last_exc, host=host, port=port, phase="connect") from last_exc
+    if tunnel is not None:
+        try:
+            sock.settimeout(remaining())
+            _open_tunnel_blocking(sock, tunnel)
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, OSError):
+                err = map_socket_error(exc, host=host, port=port, phase="proxy CONNECT")
+                raise err from exc
+            raise
+        host, port = tunnel.host, tunnel.port  # TLS runs to the origin: its errors name it
     if ssl_context is not None:
         try:
             sock.settimeout(remaining())
@@ -291,6 +329,14 @@ def connect_blocking(
     return sock
 
 
+def _open_tunnel_blocking(sock: socket.socket, tunnel: Tunnel) -> None:
+    # The request's bytes go straight to the (plain) socket, never bound to a name.
+    sock.sendall(tunnel.wire())
+    tunnel.sent = tunnel.request_bytes
+    while not tunnel.receive(sock.recv(TUNNEL_RECV_BYTES)):
+        pass
+
+
 class NonBlockingConnection:
     """One non-blocking TCP (optionally TLS) connection, driven by a selectors loop.
 
@@ -301,6 +347,11 @@ class NonBlockingConnection:
     socket is opened *before* the old one is closed, so the number always changes; unregister the
     old number, register the new one. If ``start``/``advance`` raise, the connection is closed.
     After ``Want.DONE``, :meth:`recv` and :meth:`send` never block. Not thread-safe.
+
+    With a ``tunnel``, ``host:port`` is an HTTP proxy: once TCP is up, the ``CONNECT`` request is
+    written and the proxy's answer read (state ``tunnelling``), each step on the readiness it
+    needs like the others, and then TLS runs to the origin the tunnel names. Plain HTTP through
+    a proxy is an ordinary connection to it; ``proxy_url`` says so, for messages.
     """
 
     __slots__ = (
@@ -308,7 +359,9 @@ class NonBlockingConnection:
         "_deferred",
         "_last_exc",
         "_tls",
+        "_tunnel",
         "host",
+        "proxy_url",
         "port",
         "server_hostname",
         "sock",
@@ -324,13 +377,22 @@ class NonBlockingConnection:
         *,
         ssl_context: Optional[ssl.SSLContext] = None,
         server_hostname: Optional[str] = None,
+        tunnel: Optional[Tunnel] = None,
+        proxy_url: Optional[str] = None,
     ) -> None:
+        if tunnel is not None and ssl_context is None:
+            raise ValueError("a CONNECT tunnel is for TLS to the origin: give its ssl_context")
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
-        self.server_hostname = server_hostname or host
+        self.server_hostname = server_hostname or (host if tunnel is None else tunnel.host)
         self.sock: Optional[socket.socket] = None
-        self.state = "new"  # then resolving, connecting, handshaking, open; closed at any point
+        # then resolving, connecting, (tunnelling,) handshaking, open; closed at any point
+        self.state = "new"
+        self._tunnel = tunnel
+        #: The URL of the HTTP proxy ``host:port`` is, when it forwards this plain connection's
+        #: requests (so that an answer may be the proxy's own); for messages.
+        self.proxy_url = proxy_url
         #: Set by recv() when TLS must write before it can read: wait for writable, then recv().
         self.wants_write = False
         self._tls: Optional[ssl.SSLSocket] = None
@@ -343,10 +405,14 @@ class NonBlockingConnection:
         return "<%s %s %s %s fd=%d>" % (
             type(self).__name__,
             _where(self.host, self.port),
-            "plain" if self.ssl_context is None else "tls",
+            "plain" if self.ssl_context is None else self._tls_words(),
             self.state,
             self.fileno(),
         )
+
+    def _tls_words(self) -> str:
+        tunnel = self._tunnel
+        return "tls" if tunnel is None else "tls to %s" % _where(tunnel.host, tunnel.port)
 
     def __enter__(self) -> "NonBlockingConnection":
         return self
@@ -413,15 +479,24 @@ class NonBlockingConnection:
             return self._connected()
         if self.state == "handshaking":
             return self._handshake()
+        if self.state == "tunnelling":
+            return self._tunnel_step()
         if self.state == "open":
             return Want.DONE
         raise RuntimeError("cannot advance %r" % (self,))
 
     def connect_timeout_error(self) -> ConnectTimeout:
         """Return a :class:`ConnectTimeout` naming the current phase, for the caller to raise."""
-        phase = "TLS handshake" if self.state == "handshaking" else "connect"
-        where = _where(self.host, self.port)
-        return ConnectTimeout("timed out during %s with %s" % (phase, where))
+        phase = {"handshaking": "TLS handshake", "tunnelling": "proxy CONNECT"}.get(
+            self.state, "connect"
+        )
+        host, port = self._tls_peer() if self.state == "handshaking" else (self.host, self.port)
+        return ConnectTimeout("timed out during %s with %s" % (phase, _where(host, port)))
+
+    def _tls_peer(self) -> Tuple[str, int]:
+        """Who TLS talks to, for messages: the origin at the end of a tunnel, else the peer."""
+        tunnel = self._tunnel
+        return (self.host, self.port) if tunnel is None else (tunnel.host, tunnel.port)
 
     def _connect_next(self) -> Want:
         while self._addrs:
@@ -458,6 +533,32 @@ class NonBlockingConnection:
         if self.ssl_context is None:
             self.state = "open"
             return Want.DONE
+        if self._tunnel is not None:
+            self.state = "tunnelling"
+            return self._tunnel_step()
+        self.state = "handshaking"
+        return self._handshake()
+
+    def _tunnel_step(self) -> Want:
+        """Write what is left of the CONNECT request, then read the answer as far as it came."""
+        sock, tunnel = self.sock, self._tunnel
+        assert sock is not None and tunnel is not None
+        try:
+            while tunnel.sent < tunnel.request_bytes:
+                # The bytes (credentials included) go straight to the plain socket, unnamed.
+                tunnel.sent += sock.send(tunnel.wire(tunnel.sent))
+            while not tunnel.receive(sock.recv(TUNNEL_RECV_BYTES)):
+                pass
+        except (BlockingIOError, InterruptedError):
+            return Want.WRITE if tunnel.sent < tunnel.request_bytes else Want.READ
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, OSError):
+                err = map_socket_error(exc, host=self.host, port=self.port, phase="proxy CONNECT")
+                raise err from exc
+            raise
+        where = _where(tunnel.host, tunnel.port)
+        logger.debug("tunnel to %s open through %s", where, _where(self.host, self.port))
         self.state = "handshaking"
         return self._handshake()
 
@@ -475,13 +576,14 @@ class NonBlockingConnection:
         except ssl.SSLWantWriteError:
             return Want.WRITE
         except BaseException as exc:
+            host, port = self._tls_peer()
             self.close()
             if isinstance(exc, OSError):
-                err = map_socket_error(exc, host=self.host, port=self.port, phase="TLS handshake")
+                err = map_socket_error(exc, host=host, port=port, phase="TLS handshake")
                 raise err from exc
             raise
         self.state = "open"
-        logger.debug("TLS with %s: %s", _where(self.host, self.port), self._tls.version())
+        logger.debug("TLS with %s: %s", _where(*self._tls_peer()), self._tls.version())
         return Want.DONE
 
     def pending(self) -> int:

@@ -19,7 +19,12 @@ Credentials come from the URL (percent-decoded) or ``auth=``; they are sent as B
 ``session=True``, exchanged for a cookie at ``/_session`` that is renewed once on a 401. They never
 appear in a ``repr``, a log line or an error message, nor in the locals of the frames a request
 error passes through: they are held as :class:`~changeloop._request.Secret` values and written
-into the request's bytes only as those go to the socket.
+into the request's bytes only as those go to the socket. The same holds for a proxy's login.
+
+Behind an HTTP proxy (``proxy=``, else ``http_proxy``/``https_proxy``/``all_proxy`` and
+``no_proxy`` from the environment: see ``_proxy``), plain ``http`` requests go to the proxy in
+absolute form with ``Proxy-Authorization``; ``https`` ones through a ``CONNECT`` tunnel, with
+the server's certificate verified as without a proxy.
 """
 
 import json
@@ -32,6 +37,7 @@ from urllib.parse import quote
 from . import _transport
 from ._connection import Connection, Endpoint
 from ._events import Response
+from ._proxy import ProxySetting, proxy_login_error, refused_by_proxy
 from ._request import Credentials, PreparedRequest, Secret
 from ._stream import MAX_ERROR_BODY_BYTES
 from ._version import __version__
@@ -128,10 +134,16 @@ class Server:
             by default); a larger one raises :class:`~changeloop.errors.ResponseTooLargeError`,
             at once when its ``Content-Length`` says so. ``None`` accepts any size. Error
             bodies are kept only up to ``MAX_ERROR_BODY_BYTES`` in any case.
+        proxy: an HTTP proxy's URL, ``http://[user:password@]host[:port]``, which wins over the
+            environment; ``False`` for no proxy whatever the environment says; ``None`` (the
+            default) for the environment's ``http_proxy``/``https_proxy``/``all_proxy`` (either
+            case) unless ``no_proxy`` exempts the server. Read once, here. ``https://`` proxy
+            URLs (TLS to the proxy itself) are not supported.
 
     Raises:
         ValueError: the URL is not ``http[s]://[user:password@]host[:port][/prefix]`` (the
-            message never shows the password), or ``session=True`` without credentials.
+            message never shows the password), ``session=True`` without credentials, or the
+            proxy URL (given or from the environment) is not an ``http://`` one.
 
     A ``Server`` may be shared between threads: each request borrows its own connection.
     """
@@ -148,6 +160,7 @@ class Server:
         certfile: Optional[str] = None,
         keyfile: Optional[str] = None,
         max_body_bytes: Optional[int] = MAX_BODY_BYTES,
+        proxy: ProxySetting = None,
     ) -> None:
         if max_body_bytes is not None and (
             not isinstance(max_body_bytes, int) or max_body_bytes < 0
@@ -158,7 +171,7 @@ class Server:
             ssl_context = _transport.make_ssl_context(
                 cafile=cafile, certfile=certfile, keyfile=keyfile
             )
-        self._endpoint = Endpoint(url, ssl_context)
+        self._endpoint = Endpoint(url, ssl_context, proxy)
         if auth is not None:
             self._credentials: Optional[Credentials] = Credentials(auth[0], auth[1])
         elif self._endpoint.username is not None:
@@ -181,7 +194,15 @@ class Server:
 
     def __repr__(self) -> str:
         user = " user=%s" % self._credentials.username if self._credentials else ""
-        return "<Server %s%s idle=%d>" % (self.url, user, len(self._idle))
+        proxy = self._endpoint.proxy
+        via = "" if proxy is None else " proxy=%s" % proxy.url
+        return "<Server %s%s%s idle=%d>" % (self.url, user, via, len(self._idle))
+
+    @property
+    def proxy(self) -> Optional[str]:
+        """The URL of the HTTP proxy requests go through (without credentials), or ``None``."""
+        proxy = self._endpoint.proxy
+        return None if proxy is None else proxy.url
 
     def __enter__(self) -> "Server":
         return self
@@ -321,6 +342,7 @@ class Server:
         if idempotent is None:
             idempotent = method in IDEMPOTENT_METHODS
         head, data = self._exchange(prepared, seconds, idempotent)
+        self._check_proxy_login(head, data, method, path)
         if head.status_code == 401 and self._session and path != "/_session":
             # The cookie may have expired: log in again, once.
             logger.debug("%s: 401, renewing the session cookie", self.url)
@@ -331,6 +353,18 @@ class Server:
         if head.status_code >= 400 and raise_for_status and method != "HEAD":
             raise http_error_from_body(head.status_code, data, method=method, url=self.url + path)
         return head.status_code, head, data
+
+    def _check_proxy_login(self, head: Response, body: bytes, method: str, path: str) -> None:
+        """Raise if a proxy forwarding plain HTTP refused its login: the request never reached
+        the server, whatever ``raise_for_status`` says, and the message must name the proxy.
+        (Through a tunnel, CONNECT met the refusal already.)"""
+        proxy = self._endpoint.proxy
+        if proxy is None or self._endpoint.tls or not refused_by_proxy(head.status_code, body):
+            return
+        user = None if proxy.credentials is None else proxy.credentials.username
+        raise proxy_login_error(
+            head.status_code, proxy.url, user=user, method=method, url=self.url + path
+        )
 
     def prepare_request(
         self,
@@ -354,7 +388,8 @@ class Server:
             ValueError: a name or value would break the message framing.
             HTTPError, NetworkError: the session login failed.
         """
-        target = self._endpoint.prefix + path
+        endpoint = self._endpoint
+        target = endpoint.target_base + endpoint.prefix + path
         if params:
             target += "?" + encode_query(params)
         extra: List[Tuple[str, Union[str, Secret]]] = [
@@ -362,6 +397,7 @@ class Server:
             ("Accept-Encoding", "identity"),
             ("User-Agent", USER_AGENT),
         ]
+        extra.extend(endpoint.proxy_headers())
         cookie: Optional[str] = None
         if self._credentials is not None:
             if self._session:
@@ -374,7 +410,7 @@ class Server:
         extra.extend(headers)
         if body is not None and not any(n.lower() == "content-type" for n, _ in extra):
             extra.append(("Content-Type", "application/json"))
-        request = PreparedRequest(method, target, self._endpoint.host_header, extra, body)
+        request = PreparedRequest(method, target, endpoint.host_header, extra, body)
         request.cookie = cookie
         return request
 
@@ -475,15 +511,21 @@ class Server:
 
     def _login(self) -> None:
         assert self._credentials is not None
+        endpoint = self._endpoint
+        headers: List[Tuple[str, Union[str, Secret]]] = [
+            ("Accept", "application/json"),
+            ("Content-Type", "application/json"),
+        ]
         request = PreparedRequest(
             "POST",
-            self._endpoint.prefix + "/_session",
-            self._endpoint.host_header,
-            [("Accept", "application/json"), ("Content-Type", "application/json")],
+            endpoint.target_base + endpoint.prefix + "/_session",
+            endpoint.host_header,
+            headers + endpoint.proxy_headers(),
             self._credentials.session_body(),
         )
         # Logging in twice creates nothing: safe to send again on a stale connection.
         head, data = self._exchange(request, self.timeout, idempotent=True)
+        self._check_proxy_login(head, data, "POST", "/_session")
         if head.status_code >= 400:
             raise http_error_from_body(
                 head.status_code, data, method="POST", url=self.url + "/_session"

@@ -628,9 +628,8 @@ class Consumer(_Follow):
             request.method, request.path, params=request.query, body=request.body
         )
         self._sent_cookie = prepared.cookie
-        connection = self._connect_with(
-            endpoint.host, endpoint.port, ssl_context=endpoint.ssl_context
-        )
+        host, port, options = endpoint.route()  # a proxy's, and its CONNECT tunnel, if any
+        connection = self._connect_with(host, port, ssl_context=endpoint.ssl_context, **options)
         return FeedStream(
             connection,
             prepared.wire(),

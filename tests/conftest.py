@@ -6,6 +6,7 @@ automatically, so ``pytest -m "not server"`` runs everything that needs no Node.
 
 import base64
 import json
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +23,22 @@ collect_ignore = ["testserver"]
 
 # Generous for a loopback server, short enough that a hung setup fails well before pytest-timeout.
 ADMIN_TIMEOUT_S = 10.0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_proxy_from_the_environment() -> Iterator[None]:
+    """Take ``*_proxy`` variables out of the environment for the whole session.
+
+    changeloop honours ``http_proxy`` and friends (issue 18), and every server of the suite is on
+    loopback: a developer's proxy must not carry the tests' requests, nor those of the command
+    line's subprocesses. test_proxy.py sets its own, per test. (.ci/run installs tinyproxy
+    before, with the environment as it is.)
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.lower().endswith("_proxy"):
+                patch.delenv(name)
+        yield
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:

@@ -43,24 +43,27 @@ LAYERS: Dict[str, int] = {
     "_params": 3,  # consumer arguments -> one _changes request (method, path, query, body)
     # sockets and TLS; knows nothing of HTTP or of the loop
     "_transport": 3,
+    # HTTP proxies: which one, and the sans-IO CONNECT exchange (parser + serializer); the
+    # transport drives the exchange without importing it
+    "_proxy": 4,
     # one streaming _changes request on a non-blocking connection: parser + decoder + transport;
     # knows no loop, timers or callbacks
-    "_stream": 4,
-    "_connection": 4,  # the blocking client's connection: parser + serializer + transport
-    "loop": 4,
-    "client": 5,
-    "_wheel": 5,  # deadlines for many objects on one loop timer (the consumers' watchdogs)
-    "_resolve": 5,  # name resolution off the loop: worker threads answering through the loop
-    "checkpoint": 6,
-    "_delivery": 6,  # rows to callbacks: the one place user code runs
-    "_policy": 4,  # the feed's timings and failure rules: numbers with their reasons
-    "_perloop": 6,  # what one loop's consumers share: the connect gate, the wheel, the counts
-    "_follow": 7,  # a continuous feed's state machine, the loop's handler; delivers via _delivery
-    "_iterate": 7,  # Consumer.changes(): handed its consumer, it needs not import it
-    "consumer": 8,
-    "watcher": 9,
-    "__main__": 10,
-    "__init__": 11,  # the public names; may import anything
+    "_stream": 5,
+    "_connection": 5,  # the blocking client's connection: parser + serializer + transport
+    "loop": 5,
+    "_policy": 5,  # the feed's timings and failure rules: numbers with their reasons
+    "client": 6,
+    "_wheel": 6,  # deadlines for many objects on one loop timer (the consumers' watchdogs)
+    "_resolve": 6,  # name resolution off the loop: worker threads answering through the loop
+    "checkpoint": 7,
+    "_delivery": 7,  # rows to callbacks: the one place user code runs
+    "_perloop": 7,  # what one loop's consumers share: the connect gate, the wheel, the counts
+    "_follow": 8,  # a continuous feed's state machine, the loop's handler; delivers via _delivery
+    "_iterate": 8,  # Consumer.changes(): handed its consumer, it needs not import it
+    "consumer": 9,
+    "watcher": 10,
+    "__main__": 11,
+    "__init__": 12,  # the public names; may import anything
 }
 
 # (importer, imported) pairs of one layer that may depend on each other. Keep it empty unless
