@@ -12,7 +12,13 @@ import changeloop
 from changeloop import Server
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-TIERS = ["embed_while_loop", "embed_own_select", "embed_thread", "embed_blocking"]
+TIERS = [
+    "embed_while_loop",
+    "embed_own_select",
+    "embed_thread",
+    "embed_blocking",
+    "bounded_queue",
+]
 
 
 @pytest.fixture(scope="module")
