@@ -12,11 +12,13 @@ import json
 import ssl
 import time
 from typing import Any, Callable, Iterator, List, Optional, Sequence
+from urllib.parse import parse_qs, urlsplit
 
-from scripted import LAST_CHUNK, Read, Script, ScriptedServer, Send, Stall, chunk
+from scripted import LAST_CHUNK, Read, Request, Script, ScriptedServer, Send, Stall, chunk
 
 from changeloop import Consumer, FeedEvent, Loop, Server
 from changeloop._stream import FeedStream
+from changeloop.checkpoint import MemoryCheckpoint
 from changeloop.consumer import Change
 
 # -- the bytes --------------------------------------------------------------------
@@ -100,6 +102,32 @@ def run_until(loop: Loop, condition: Callable[[], object], timeout: float = 3.0)
         if time.monotonic() > deadline:
             raise AssertionError("condition not met within %.1f s" % timeout)
         loop.run_once(0.01)
+
+
+def settle(loop: Loop, passes: int = 5) -> None:
+    """Give the loop a few real passes in which nothing should happen."""
+    for _ in range(passes):
+        loop.run_once(0.01)
+
+
+def since_of(request: Request) -> str:
+    """The ``since`` a request asked for."""
+    (value,) = parse_qs(urlsplit(request.target).query)["since"]
+    return value
+
+
+class SaveFailsOnce(MemoryCheckpoint):
+    """A checkpoint store whose first save fails (a disk that blinked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    def save(self, seq: Any) -> None:
+        self.attempts += 1
+        if self.attempts == 1:
+            raise OSError("the disk blinked")
+        super().save(seq)
 
 
 # -- a scripted server, a loop and a consumer --------------------------------------------------

@@ -15,14 +15,17 @@ from couch3 import (
     COUCH_HEAD,
     HEARTBEAT,
     FakeClock,
+    SaveFailsOnce,
     doc_id,
     feed,
     rig,
     row,
     rows,
     seq,
+    settle,
+    since_of,
 )
-from scripted import Close, Read, Request, Send, Stall, chunk, response_head
+from scripted import Close, Read, Send, Stall, chunk, response_head
 
 from changeloop import (
     CallbackError,
@@ -44,18 +47,6 @@ pytestmark = pytest.mark.timeout(20)
 Change = Dict[str, Any]
 HEARTBEAT_MS = 500
 ALLOWANCE_S = 3 * HEARTBEAT_MS / 1000.0  # the library's default: three missed heartbeats
-
-
-def settle(loop: Loop, passes: int = 5) -> None:
-    for _ in range(passes):
-        loop.run_once(0.01)
-
-
-def since_of(request: Request) -> str:
-    from urllib.parse import parse_qs, urlsplit
-
-    (value,) = parse_qs(urlsplit(request.target).query)["since"]
-    return value
 
 
 # -- the table ----------------------------------------------------------------------------------
@@ -161,24 +152,12 @@ class HeldBytes(NonBlockingConnection):
         return len(getattr(self, "_held", b""))
 
 
-class FailsOnce(MemoryCheckpoint):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attempts = 0
-
-    def save(self, seq: Any) -> None:
-        self.attempts += 1
-        if self.attempts == 1:
-            raise OSError("the disk blinked")
-        super().save(seq)
-
-
 def test_a_checkpoint_failure_on_the_tls_reread_path_loses_no_change() -> None:
     # Was: the re-read ran through loop.call_soon, whose exceptions were only logged: the rest of
     # that read's rows were dropped while the stream and the checkpoint went on past them.
     first = feed(chunk(rows(*range(1, 301))) + HEARTBEAT)
     second = feed(chunk(rows(*range(101, 301))) + HEARTBEAT)
-    store = FailsOnce()
+    store = SaveFailsOnce()
     with rig([first, second], checkpoint=store) as r:
         r.consumer._connect_with = HeldBytes  # type: ignore[misc]
         r.start(since=0, heartbeat=HEARTBEAT_MS)

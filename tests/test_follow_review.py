@@ -9,7 +9,19 @@ import time
 from typing import Any
 
 import pytest
-from couch3 import COUCH_HEAD, HEARTBEAT, FakeClock, couch_end, doc_id, feed, rig, row, rows, seq
+from couch3 import (
+    COUCH_HEAD,
+    HEARTBEAT,
+    FakeClock,
+    SaveFailsOnce,
+    couch_end,
+    doc_id,
+    feed,
+    rig,
+    row,
+    rows,
+    seq,
+)
 from scripted import Close, Read, Send, Stall, chunk, response_head
 
 import changeloop._follow as follow
@@ -23,23 +35,11 @@ pytestmark = pytest.mark.timeout(30)
 # A stop() asked from inside a change callback is lost when the checkpoint save that follows
 # that change fails (a retryable CheckpointError): the consumer reconnects and, on an idle feed,
 # never stops; wait() never returns.
-class FailsOnce(MemoryCheckpoint):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attempts = 0
-
-    def save(self, seq: Any) -> None:
-        self.attempts += 1
-        if self.attempts == 1:
-            raise OSError("the disk blinked")
-        super().save(seq)
-
-
 def test_stop_from_callback_survives_a_failing_save() -> None:
     clock = FakeClock()
     # first connection: one change; every later connection: idle (heartbeats only)
     scripts = [feed(chunk(rows(1)) + HEARTBEAT), feed(HEARTBEAT)]
-    store = FailsOnce()
+    store = SaveFailsOnce()
     with rig(scripts, clock=clock, checkpoint=store, checkpoint_every=1) as r:
 
         def cb(change: Any) -> None:
@@ -59,7 +59,7 @@ def test_stop_from_callback_survives_a_failing_save() -> None:
 
 def test_wait_returns_after_stop_from_callback_with_failing_save() -> None:
     scripts = [feed(chunk(rows(1)) + HEARTBEAT), feed(HEARTBEAT)]
-    store = FailsOnce()
+    store = SaveFailsOnce()
     with rig(scripts, checkpoint=store, checkpoint_every=1) as r:
 
         def cb(change: Any) -> None:
@@ -86,7 +86,7 @@ def test_no_change_delivered_after_stop_from_callback() -> None:
     # Busy feed: the stale _stop_requested is honoured only after one more change, on the
     # next connection: a change is delivered after the callback asked to stop.
     scripts = [feed(chunk(rows(1, 2, 3)) + HEARTBEAT), feed(chunk(rows(2, 3)) + HEARTBEAT)]
-    store = FailsOnce()
+    store = SaveFailsOnce()
     with rig(scripts, checkpoint=store, checkpoint_every=1) as r:
 
         def cb(change: Any) -> None:

@@ -13,7 +13,6 @@ import random
 import ssl
 import time
 from typing import Any, Callable, Dict, List, Tuple, Type
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import trustme
@@ -30,6 +29,8 @@ from couch3 import (
     rows,
     run_until,
     seq,
+    settle,
+    since_of,
 )
 from scripted import (
     LAST_CHUNK,
@@ -37,7 +38,6 @@ from scripted import (
     Drip,
     Pause,
     Read,
-    Request,
     Reset,
     ScriptedServer,
     Send,
@@ -94,17 +94,6 @@ def error_response(status: int, error: str, reason: str) -> bytes:
 
 
 # -- the rig --------------------------------------------------------------------------------
-
-
-def settle(loop: Loop, passes: int = 5) -> None:
-    """Give the loop a few real passes in which nothing should happen."""
-    for _ in range(passes):
-        loop.run_once(0.01)
-
-
-def since_of(request: Request) -> str:
-    (value,) = parse_qs(urlsplit(request.target).query)["since"]
-    return value
 
 
 # -- cuts and resets: resume after the last delivered change --------------------------------
