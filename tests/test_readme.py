@@ -6,6 +6,7 @@ Twice, because a reader runs a block again: a block that creates a database it n
 saves a document whose id the first run already used, fails the second time (409, 412), and a
 block that waits for more changes than it makes never returns."""
 
+import json
 import os
 import re
 import shlex
@@ -84,32 +85,12 @@ def cli_db(couchdb_url: str) -> Iterator[None]:
         server.delete_db("readme-cli")
 
 
-# Commands of the command-line section (another owner's) that fail their second run today, each
-# with the reason; strict, so the mark must go once the line is fixed. The checkpoint line resumes
-# after "b" the second time, prints "c", and waits forever for its second change.
-SECOND_RUN_FAILS = {
-    "changeloop --since 0 --limit 2 --checkpoint readme.seq http://127.0.0.1:5984/readme-cli": (
-        "its second run resumes from readme.seq and waits for a change that never comes"
-    ),
-}
-
-
-def command_params() -> List[Any]:
-    return [
-        pytest.param(
-            command, marks=pytest.mark.xfail(strict=True, reason=SECOND_RUN_FAILS[command])
-        )
-        if command in SECOND_RUN_FAILS
-        else command
-        for command in commands()
-    ]
-
-
-@pytest.mark.parametrize("command", command_params())
+@pytest.mark.parametrize("command", commands())
 def test_readme_command_runs(command: str, couchdb_url: str, cli_db: None, tmp_path: Path) -> None:
     argv = shlex.split(command.replace(DEFAULT_URL, couchdb_url))
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(changeloop.__file__).resolve().parent.parent)
+    seen: List[List[str]] = []
     for run in ("first", "second"):  # in one directory: a checkpoint file is still there
         result = subprocess.run(
             [sys.executable, "-m", "changeloop"] + argv[1:],
@@ -120,4 +101,9 @@ def test_readme_command_runs(command: str, couchdb_url: str, cli_db: None, tmp_p
             env=env,
         )
         assert result.returncode == 0, "%s run: %s" % (run, result.stderr)
-        assert len(result.stdout.splitlines()) >= 2, "%s run: %r" % (run, result.stdout)
+        lines = result.stdout.splitlines()
+        seen.append([json.loads(line)["id"] for line in lines if line.startswith("{")])
+        if "--checkpoint" not in argv or run == "first":
+            assert len(lines) >= 2, "%s run: %r" % (run, result.stdout)
+    if "--checkpoint" in argv:  # the second run goes on where the first one stopped
+        assert seen == [["a", "b"], ["c"]], seen
