@@ -42,7 +42,8 @@ LAYERS: Dict[str, int] = {
     "_feed": 3,
     "_params": 3,  # consumer arguments -> one _changes request (method, path, query, body)
     # sockets and TLS; knows nothing of HTTP or of the loop
-    "_transport": 3,
+    "_sockets": 3,  # socket helpers: TLS contexts, resolution, options, the error translation
+    "_transport": 4,
     # HTTP proxies: which one, and the sans-IO CONNECT exchange (parser + serializer); the
     # transport drives the exchange without importing it
     "_proxy": 4,

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, List, Optional
 import pytest
 import trustme
 
-from changeloop import _transport
+from changeloop import _sockets, _transport
 from changeloop._transport import (
     NonBlockingConnection,
     Want,
@@ -214,7 +214,7 @@ def test_tune_socket_sets_nodelay_and_keepalive() -> None:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
         if hasattr(socket, "TCP_KEEPIDLE"):
             idle = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
-            assert idle == _transport.KEEPALIVE_IDLE_S
+            assert idle == _sockets.KEEPALIVE_IDLE_S
 
 
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no AF_UNIX")
