@@ -15,7 +15,8 @@ A consumer following a continuous feed is always in exactly one of these states:
 
 ``waiting`` waits for a turn at the loop's connect gate (at most
 ``MAX_CONNECTING_PER_LOOP`` consumers of a loop connect at once). ``connecting`` covers name
-resolution, TCP and TLS; ``sending`` writes the request; ``awaiting`` waits for the status line
+resolution (by worker threads, :mod:`changeloop._resolve`), TCP, a proxy's ``CONNECT`` and TLS;
+``sending`` writes the request; ``awaiting`` waits for the status line
 and headers (for the ``since=now`` question, for its whole answer); ``streaming`` reads the feed.
 Every way out of a connection is ``fail`` or ``end``, both of which go through ``backoff`` (with
 no delay for a feed that ran its course), so reconnecting is one path, not several.
@@ -32,7 +33,8 @@ sending        the silence allowance (a server that stops reading)
 awaiting       the silence allowance (a ``first_byte_timeout``, if one is given, until the
                first line of the body)
 streaming      the silence allowance: ``watchdog_heartbeats`` heartbeats, or without
-               heartbeats the server's own ``timeout`` plus that margin
+               heartbeats the server's own ``timeout`` plus that margin; none while paused
+               (``pause()``: the socket is not read, so TCP holds the server back)
 backoff        the backoff delay; then ``retry``
 =============  ==============================================================================
 
@@ -41,10 +43,12 @@ The connection phases' deadlines are silence deadlines, kept on the loop's timin
 once per allowance, whatever the traffic. The backoff is a plain loop timer.
 
 Every entry from the loop is guarded: the handler (``handle_read``), the re-read of bytes that
-TLS holds, the watchdog, the backoff timer and the connect gate's turn all catch what they raise
+TLS holds, the watchdog, the backoff timer, the resolver's answer, the connect gate's turn and a
+start posted from another thread all catch what they raise
 and hand it to :meth:`_Follow._fail`, the one failure route, which reconnects after a backoff or
-stops for good. Nothing is only logged. Requests from other threads (``start``, ``stop``) reach
-the state only through :meth:`~changeloop.loop.Loop.call_threadsafe`. A transition missing from
+stops for good. Nothing is only logged. Requests from other threads (``start``, ``stop``,
+``pause``, ``resume``) reach the state only through :meth:`~changeloop.loop.Loop.call_threadsafe`.
+The policy (timings, which failures are retried, when to give up) is :mod:`changeloop._policy`. A transition missing from
 ``TRANSITIONS`` is a bug: it raises, and so stops the consumer through the same route.
 """
 
