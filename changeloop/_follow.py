@@ -47,9 +47,10 @@ TLS holds, the watchdog, the backoff timer, the resolver's answer, the connect g
 start posted from another thread all catch what they raise
 and hand it to :meth:`_Follow._fail`, the one failure route, which reconnects after a backoff or
 stops for good. Nothing is only logged. Requests from other threads (``start``, ``stop``,
-``pause``, ``resume``) reach the state only through :meth:`~changeloop.loop.Loop.call_threadsafe`.
-The policy (timings, which failures are retried, when to give up) is :mod:`changeloop._policy`. A transition missing from
-``TRANSITIONS`` is a bug: it raises, and so stops the consumer through the same route.
+``pause``, ``resume``) reach the state only through
+:meth:`~changeloop.loop.Loop.call_threadsafe`. A transition missing from ``TRANSITIONS`` is a
+bug: it raises, and so stops the consumer through the same route. The policy (timings, which
+failures are retried, when to give up) is :mod:`changeloop._policy`.
 """
 
 import collections
