@@ -1,56 +1,9 @@
-"""One continuous feed as an explicit state machine: its states, their deadlines, one failure route.
+"""The state machine of a continuous feed at work: the loop's handler for its socket.
 
-Theory of operation
--------------------
-A consumer following a continuous feed is always in exactly one of these states::
-
-                start                turn                connected           sent
-    idle/stopped ───▶ waiting ─────────────▶ connecting ─────────▶ sending ───────▶ awaiting
-                        ▲                        ▲                                   │    │
-                        │ retry                  │ resolved (since=now answered)     │    │
-                        │                        └───────────────────────────────────┘    │
-                     backoff ◀──── fail (retryable), end (the server ended the feed) ─┐    │ head
-                        │                                                             │    ▼
-                        └── stop, or fail (fatal), from any state ──▶ stopped     streaming
-
-``waiting`` waits for a turn at the loop's connect gate (at most
-``MAX_CONNECTING_PER_LOOP`` consumers of a loop connect at once). ``connecting`` covers name
-resolution (by worker threads, :mod:`changeloop._resolve`), TCP, a proxy's ``CONNECT`` and TLS;
-``sending`` writes the request; ``awaiting`` waits for the status line
-and headers (for the ``since=now`` question, for its whole answer); ``streaming`` reads the feed.
-Every way out of a connection is ``fail`` or ``end``, both of which go through ``backoff`` (with
-no delay for a feed that ran its course), so reconnecting is one path, not several.
-
-Each state owns one deadline, armed when the state is entered and disarmed when it is left:
-
-=============  ==============================================================================
-state          deadline
-=============  ==============================================================================
-idle, stopped  none
-waiting        none: its turn comes when another consumer of the loop leaves the gate
-connecting     ``min(connect_timeout, allowance)`` of silence
-sending        the silence allowance (a server that stops reading)
-awaiting       the silence allowance (a ``first_byte_timeout``, if one is given, until the
-               first line of the body)
-streaming      the silence allowance: ``watchdog_heartbeats`` heartbeats, or without
-               heartbeats the server's own ``timeout`` plus that margin; none while paused
-               (``pause()``: the socket is not read, so TCP holds the server back)
-backoff        the backoff delay; then ``retry``
-=============  ==============================================================================
-
-The connection phases' deadlines are silence deadlines, kept on the loop's timing wheel
-(:mod:`changeloop._wheel`): every read or write notes the time, and the wheel's check fires at most
-once per allowance, whatever the traffic. The backoff is a plain loop timer.
-
-Every entry from the loop is guarded: the handler (``handle_read``), the re-read of bytes that
-TLS holds, the watchdog, the backoff timer, the resolver's answer, the connect gate's turn and a
-start posted from another thread all catch what they raise
-and hand it to :meth:`_Follow._fail`, the one failure route, which reconnects after a backoff or
-stops for good. Nothing is only logged. Requests from other threads (``start``, ``stop``,
-``pause``, ``resume``) reach the state only through
-:meth:`~changeloop.loop.Loop.call_threadsafe`. A transition missing from ``TRANSITIONS`` is a
-bug: it raises, and so stops the consumer through the same route. The policy (timings, which
-failures are retried, when to give up) is :mod:`changeloop._policy`.
+It runs the table of :mod:`changeloop._states` (read the theory of operation there): each
+event of the loop (readiness, a deadline, the backoff's timer, a turn at the connect gate, the
+resolver's answer, a request from another thread) enters through a guarded door, moves the state
+along the table, and anything raised goes to :meth:`_Follow._fail`, the one failure route.
 """
 
 import collections
@@ -59,7 +12,7 @@ import logging
 import random
 import time
 import weakref
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._delivery import Change, _Delivery
 from ._perloop import Watchdogs, counts_of, gate_of, no_wheel, watchdogs_of
@@ -71,6 +24,20 @@ from ._policy import (
     is_fatal,
 )
 from ._resolve import is_literal, resolver_of
+from ._states import (
+    AWAITING,
+    BACKOFF,
+    CONNECTED_STATES,
+    CONNECTING,
+    GATED_STATES,
+    IDLE,
+    SENDING,
+    STATES,
+    STOPPED,
+    STREAMING,
+    TRANSITIONS,
+    WAITING,
+)
 from ._stream import FeedStream
 from ._transport import Want
 from .errors import (
@@ -80,43 +47,13 @@ from .errors import (
 )
 from .loop import Loop, TimerHandle
 
-__all__ = ["TRANSITIONS", "STATES", "CONNECTED_STATES"]
+__all__ = ["TRANSITIONS", "STATES", "CONNECTED_STATES"]  # (from _states, for the consumer)
 
 logger = logging.getLogger("changeloop.consumer")
 
-IDLE, WAITING, CONNECTING, SENDING, AWAITING, STREAMING, BACKOFF, STOPPED = STATES = (
-    "idle",
-    "waiting",
-    "connecting",
-    "sending",
-    "awaiting",
-    "streaming",
-    "backoff",
-    "stopped",
-)
-#: The states of an open connection, each with a silence deadline on the watchdog wheel.
-CONNECTED_STATES = _CONNECTED = frozenset([CONNECTING, SENDING, AWAITING, STREAMING])
-#: The states that hold a turn at the loop's connect gate.
-_GATED: FrozenSet[str] = frozenset([CONNECTING, SENDING, AWAITING])
-#: Where ``stop`` and a fatal ``fail`` lead from: every state but the two at rest.
-_ACTIVE = (WAITING, CONNECTING, SENDING, AWAITING, STREAMING, BACKOFF)
+_CONNECTED = CONNECTED_STATES
+_GATED = GATED_STATES
 
-#: (state, event) -> the next state. Nothing else may happen.
-TRANSITIONS: Dict[Tuple[str, str], str] = {
-    (IDLE, "start"): WAITING,
-    (STOPPED, "start"): WAITING,
-    (WAITING, "turn"): CONNECTING,
-    (CONNECTING, "connected"): SENDING,
-    (SENDING, "sent"): AWAITING,
-    (AWAITING, "head"): STREAMING,
-    (AWAITING, "resolved"): CONNECTING,  # since=now answered: follow from there, same turn
-    (STREAMING, "end"): BACKOFF,  # the server ended the feed: follow on
-    (BACKOFF, "retry"): WAITING,
-}
-for _state in _ACTIVE:
-    TRANSITIONS[(_state, "stop")] = STOPPED
-    if _state != BACKOFF:
-        TRANSITIONS[(_state, "fail")] = BACKOFF
 
 def _counts_of_states(loop: Loop) -> "collections.Counter[str]":
     return counts_of(loop, [state for state in STATES if state != IDLE])

@@ -20,7 +20,7 @@ import logging
 import random
 from typing import Any, Callable, Dict, Optional, Union
 
-from . import _follow
+from . import _states
 from ._delivery import (
     CHECKPOINT_EVERY_CHANGES,
     CHECKPOINT_EVERY_S,
@@ -78,14 +78,14 @@ logger = logging.getLogger(__name__)
 #: The public :attr:`Consumer.state` of each state of the machine (:attr:`Consumer.phase` tells
 #: which connection phase ``connecting`` is in).
 _PUBLIC_STATE = {
-    _follow.IDLE: "idle",
-    _follow.WAITING: "connecting",
-    _follow.CONNECTING: "connecting",
-    _follow.SENDING: "connecting",
-    _follow.AWAITING: "connecting",
-    _follow.STREAMING: "streaming",
-    _follow.BACKOFF: "backoff",
-    _follow.STOPPED: "stopped",
+    _states.IDLE: "idle",
+    _states.WAITING: "connecting",
+    _states.CONNECTING: "connecting",
+    _states.SENDING: "connecting",
+    _states.AWAITING: "connecting",
+    _states.STREAMING: "streaming",
+    _states.BACKOFF: "backoff",
+    _states.STOPPED: "stopped",
 }
 
 
@@ -307,7 +307,7 @@ class Consumer(_Follow):
     @property
     def running(self) -> bool:
         """Whether a continuous feed is started and not stopped."""
-        return self._state != _follow.IDLE and self._state != _follow.STOPPED
+        return self._state != _states.IDLE and self._state != _states.STOPPED
 
     def close(self) -> None:
         """Stop the feed and any ``changes()`` iteration, and close the loop if the consumer
@@ -468,7 +468,7 @@ class Consumer(_Follow):
         try:
             self._begin_run(since, params, active, silence)
         except Exception as exc:  # a guarded door too: reported, never only logged
-            if self._state != _follow.IDLE and self._state != _follow.STOPPED:
+            if self._state != _states.IDLE and self._state != _states.STOPPED:
                 self._fail(exc)
             else:
                 logger.error("%s: could not start: %s", self.db.name, exc)
@@ -586,7 +586,7 @@ class Consumer(_Follow):
         nothing per change: these are kept anyway. Safe to read from any thread.
         """
         loop = self._loop
-        connected = self._state in _follow.CONNECTED_STATES and loop is not None
+        connected = self._state in _states.CONNECTED_STATES and loop is not None
         last_error = self._last_error
         return {
             "db": self.db.name,

@@ -37,7 +37,7 @@ from changeloop import (
     ReadTimeout,
     Server,
 )
-from changeloop._follow import STATES, TRANSITIONS
+from changeloop._states import STATES, TRANSITIONS
 from changeloop._transport import NonBlockingConnection
 from changeloop.checkpoint import MemoryCheckpoint
 from changeloop.consumer import WATCHDOG_RESOLUTION

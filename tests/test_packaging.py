@@ -59,6 +59,7 @@ LAYERS: Dict[str, int] = {
     "checkpoint": 7,
     "_delivery": 7,  # rows to callbacks: the one place user code runs
     "_perloop": 7,  # what one loop's consumers share: the connect gate, the wheel, the counts
+    "_states": 0,  # the feed's states and transitions, as a table (no imports)
     "_follow": 8,  # a continuous feed's state machine, the loop's handler; delivers via _delivery
     "_iterate": 8,  # Consumer.changes(): handed its consumer, it needs not import it
     "consumer": 9,
