@@ -270,9 +270,18 @@ class DatabaseWatcher:
             self.loop.call_soon_threadsafe(self._stop)
 
     def run(self) -> None:
-        """Start, and run the loop in this thread until :meth:`stop`."""
+        """Start, and run the loop in this thread until :meth:`stop`.
+
+        Ctrl-C (``KeyboardInterrupt``, or ``SystemExit``) stops every consumer, which saves its
+        checkpoint, and is then raised again: a caller can tell an interruption from a stop.
+        """
         self.start()
-        self.loop.run(forever=True)
+        try:
+            self.loop.run(forever=True)
+        except BaseException:  # only KeyboardInterrupt and SystemExit leave the loop
+            logger.info("interrupted; stopping %d consumers", len(self.consumers))
+            self.loop.call_threadsafe(self._shutdown)  # run() has returned: at once, here
+            raise
 
     def _stop(self) -> None:
         self._shutdown()

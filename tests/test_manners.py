@@ -8,8 +8,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
 
 import changeloop
+from changeloop import DatabaseWatcher, Loop, MemoryCheckpoint, Server
 
 PACKAGE_PARENT = str(Path(changeloop.__file__).resolve().parent.parent)
 
@@ -76,3 +80,33 @@ def test_an_application_without_logging_sees_only_the_error_raised(
 def test_the_package_logger_has_a_null_handler_only() -> None:
     handlers = logging.getLogger("changeloop").handlers
     assert [type(h) for h in handlers] == [logging.NullHandler]
+
+
+# -- Ctrl-C: checkpoints saved, then KeyboardInterrupt re-raised ----------------------------------
+
+
+def test_watcher_run_saves_the_checkpoints_then_re_raises_keyboard_interrupt(
+    couchdb_url: str, db_name: str
+) -> None:
+    stores: Dict[str, MemoryCheckpoint] = {}
+    seen: List[Tuple[str, Any]] = []
+
+    def on_change(name: str, change: Dict[str, Any]) -> None:
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C does inside a callback
+        seen.append((name, change["seq"]))
+
+    with Server(couchdb_url) as server, Loop() as loop:
+        server.create_db(db_name).bulk_save([{"_id": "doc-%d" % i} for i in range(5)])
+        try:
+            watcher = DatabaseWatcher(
+                server, on_change, loop, match=db_name,
+                checkpoint=lambda db: stores.setdefault(db.name, MemoryCheckpoint()),
+            )  # fmt: skip
+            with pytest.raises(KeyboardInterrupt):
+                watcher.run()
+            assert not loop.is_running() and watcher.consumers == {}
+            # The two changes delivered are checkpointed; the interrupted one comes again.
+            assert stores[db_name].seq == seen[-1][1] and len(seen) == 2
+        finally:
+            server.delete_db(db_name)
