@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 from . import _transport
@@ -407,16 +407,25 @@ class Progress:
 
 class RecordingCheckpoint(FileCheckpoint):
     """The command's checkpoint file: a save that fails is recorded, so that a failure in the
-    library's stop (which only logs it) still makes the command fail (exit 3)."""
+    library's stop (which only logs it) still makes the command fail (exit 3); and a save runs
+    with the command's signals deferred (``deferred``), so that a second Ctrl-C cannot cut it
+    short."""
 
     failures: List[CheckpointError] = []
 
+    def __init__(
+        self, path: str, key: Optional[str], deferred: Callable[[], ContextManager[None]]
+    ) -> None:
+        super().__init__(path, key=key)
+        self.deferred = deferred
+
     def save(self, seq: Any) -> None:
-        try:
-            super().save(seq)
-        except CheckpointError as exc:
-            self.failures.append(exc)
-            raise
+        with self.deferred():
+            try:
+                super().save(seq)
+            except CheckpointError as exc:
+                self.failures.append(exc)
+                raise
 
 
 def check_checkpoint(path: str) -> None:
@@ -523,18 +532,47 @@ class Command:
         self.following = False
         self.stop_asked = False
         self.stopped = False
+        self.deferring = 0  # depth of signals_deferred() blocks being run
+        self.interrupted = False  # a signal came inside one: raised when the outermost ends
+        self.closed = False  # everything is stopped and saved: a signal only sets the exit code
 
     def close(self) -> None:
-        self.stop()
-        self.loop.close()
-        for server in self.servers.values():
-            server.close()
+        with self.signals_deferred():
+            self.stop()
+            self.loop.close()
+            for server in self.servers.values():
+                server.close()
+            self.closed = True
+
+    @contextlib.contextmanager
+    def signals_deferred(self) -> Iterator[None]:
+        """Hold back the ``KeyboardInterrupt`` of a signal until the block is done.
+
+        Checkpoints are saved inside such blocks (each save, and every stop as a whole): a
+        second signal (a double Ctrl-C, ``timeout -s TERM`` signalling the process group) used
+        to interrupt the stop's write and leave no checkpoint. The signal is noted and raised
+        as soon as the outermost block ends; only a block that ends normally raises it.
+
+        Why a flag and not ``signal.pthread_sigmask``: a mask holds the signal back only in the
+        thread that sets it, and a signal the kernel gives to another thread (a resolver's)
+        still runs the Python handler in the main thread. The flag works on any platform, and
+        the interrupted system calls (write, fsync, flock) are retried by Python (PEP 475) when
+        the handler returns.
+        """
+        self.deferring += 1
+        try:
+            yield
+        finally:
+            self.deferring -= 1
+        if not self.deferring and self.interrupted:
+            self.interrupted = False
+            raise KeyboardInterrupt
 
     def store(self, db: Database) -> Optional[FileCheckpoint]:
         if self.args.checkpoint is None:
             return None
         key = db.server.url + "/" + quote(db.name, "")
-        return RecordingCheckpoint(self.args.checkpoint, key=key)
+        return RecordingCheckpoint(self.args.checkpoint, key, self.signals_deferred)
 
     def emit(self, name: str, change: Dict[str, Any]) -> None:
         """Print a change: the consumers' callback."""
@@ -719,17 +757,21 @@ class Command:
                     yield server.get_db(found)
 
     def stop(self) -> None:
-        """Stop every feed (each saves its checkpoint) and the loop. The loop's thread only."""
-        self.stopped = True
-        if self.watcher is not None:
-            self.watcher.stop()
-        for consumer in self.consumers:
-            consumer.stop()
-        if self.progress is not None:
-            self.progress.clear()
-            self.progress.waiting.clear()
-        if self.loop.is_running():
-            self.loop.stop()
+        """Stop every feed (each saves its checkpoint) and the loop. The loop's thread only.
+
+        A signal meanwhile is raised once every feed has stopped (see :meth:`signals_deferred`).
+        """
+        with self.signals_deferred():
+            self.stopped = True
+            if self.watcher is not None:
+                self.watcher.stop()
+            for consumer in self.consumers:
+                consumer.stop()
+            if self.progress is not None:
+                self.progress.clear()
+                self.progress.waiting.clear()
+            if self.loop.is_running():
+                self.loop.stop()
 
     def fail(self, code: int, message: str) -> None:
         if self.exit_code == EXIT_OK:  # the first failure decides
@@ -738,11 +780,20 @@ class Command:
         self.stop()
 
     def on_signal(self, signum: int, frame: Any) -> None:
+        """SIGINT, SIGTERM: the first one while following asks for a clean stop (in the loop's
+        next pass); a second one before that stop is done is held back until it is (every
+        checkpoint saved), then interrupts (exit 130). Outside the loop a signal interrupts at
+        once, but never a checkpoint's save (see :meth:`signals_deferred`)."""
         if self.following and not self.stop_asked:
             self.stop_asked = True  # and no logging: the signal may have come inside a log call
             self.loop.call_soon_threadsafe(self.stop)
             return
-        raise KeyboardInterrupt  # set-up, a one-shot request, or a second signal
+        if self.deferring or self.closed or (self.stop_asked and not self.stopped):
+            # Raising now could cut a change short between its line and its count (so the
+            # checkpoint would lag behind stdout), or a save: raised once the stop is done.
+            self.interrupted = True
+            return
+        raise KeyboardInterrupt  # set-up, a one-shot request, or a signal after the stop
 
     # -- the consumers' lifecycle callbacks ------------------------------------------------
 
@@ -842,21 +893,37 @@ def main(argv: Optional[List[str]] = None) -> int:
             command = Command(args, handler)
         except UsageError as exc:
             parser.error(str(exc))  # exits 2
-        with signals_to(command):
-            try:
-                code = command.run()
-            except KeyboardInterrupt:
-                code = EXIT_INTERRUPTED
-            except BrokenPipeError:
-                quiet_stdout()
-                code = EXIT_OK
-            except ChangeloopError as exc:
-                code = exit_code(exc)
-                LOG.error("%s%s", exc, hint(exc))
-            finally:
-                command.close()  # stops whatever still runs, so every checkpoint is saved
-        LOG.info("%d changes in %.1f s", command.printed, time.monotonic() - started)
+        try:
+            # The signals go back to their old handlers last: a late signal finds every
+            # checkpoint saved and only sets the exit code (see Command.on_signal).
+            with signals_to(command):
+                code = execute(command)
+                if command.interrupted:  # a signal after close: nothing left to interrupt
+                    code = EXIT_INTERRUPTED
+                LOG.info("%d changes in %.1f s", command.printed, time.monotonic() - started)
+        except KeyboardInterrupt:  # delivered as the old handlers came back: all is saved
+            code = EXIT_INTERRUPTED
         return code
+
+
+def execute(command: Command) -> int:
+    """Run ``command``, then close it (which stops and saves whatever still runs); the code."""
+    try:
+        code = command.run()
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        quiet_stdout()
+        code = EXIT_OK
+    except ChangeloopError as exc:
+        code = exit_code(exc)
+        LOG.error("%s%s", exc, hint(exc))
+    finally:
+        try:
+            command.close()  # stops whatever still runs, so every checkpoint is saved
+        except KeyboardInterrupt:  # a signal during close, raised once it was done
+            code = EXIT_INTERRUPTED
+    return code
 
 
 if __name__ == "__main__":
