@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Set, Tuple
 from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 from . import _transport
@@ -42,6 +42,7 @@ from .errors import (
     CallbackError,
     ChangeloopError,
     CheckpointError,
+    GaveUpError,
     NetworkError,
     NotFound,
     TLSError,
@@ -164,7 +165,10 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any]]] = [
         "help": "with --all-dbs on a server without _db_updates: seconds between _all_dbs "
         "polls (default %.0f)" % POLL_INTERVAL_S}),
     (("--max-retries",), {"type": int, "default": 0, "metavar": "N", "help": "retry a failing "
-        "feed N times in a row, then give up (exit 4); 0 (the default) retries forever"}),
+        "feed N times in a row, then give up (exit 4); 0 (the default) retries forever. A "
+        "connection that ends at once without a change counts as failing"}),
+    (("--stats-every",), {"type": float, "metavar": "S", "help": "every S seconds, print the "
+        "feeds' statistics to stderr as one JSON line (as SIGUSR1 does at any time)"}),
     (("--cacert",), {"metavar": "FILE", "help": "trust the CA certificates in FILE (PEM)"}),
     (("--insecure",), {"action": "store_true", "help": "do not verify TLS certificates: anyone "
         "on the way can read and change the traffic (for tests)"}),
@@ -317,6 +321,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError("--%s must be at least 1" % name)
     if args.max_retries < 0:
         raise UsageError("--max-retries must be 0 (forever) or more")
+    if args.stats_every is not None and not args.stats_every > 0:
+        raise UsageError("--stats-every must be more than 0")
     if not args.poll_interval > 0:
         raise UsageError("--poll-interval must be more than 0")
     if args.shard is not None:
@@ -489,6 +495,8 @@ def hint(error: BaseException) -> str:
 
 
 def exit_code(error: BaseException) -> int:
+    if isinstance(error, GaveUpError):
+        return EXIT_GAVE_UP
     network = isinstance(error, NetworkError) and not isinstance(error, TLSError)
     return EXIT_GAVE_UP if network else EXIT_FATAL
 
@@ -527,7 +535,7 @@ class Command:
         #: With --batch and --limit: the consumer whose batch the limit cut, and the seq of the
         #: last change printed from it.
         self.cut: Optional[Tuple[Consumer, Any]] = None
-        self.failures: Dict[str, int] = {}  # failed connection attempts in a row, by database
+        self.retrying: Set[str] = set()  # databases that failed since they last connected
         self.exit_code = EXIT_OK
         self.following = False
         self.stop_asked = False
@@ -623,6 +631,8 @@ class Command:
             "on_connect": self.on_connect,
             "on_disconnect": self.on_disconnect,
             "on_caught_up": self.on_caught_up,
+            # The library's give-up policy: it counts attempts until a connection is healthy.
+            "max_retries": self.args.max_retries or None,
         }
         emit: Callable[[str, Any], None] = self.emit
         if self.args.batch is not None:
@@ -659,6 +669,8 @@ class Command:
             self.progress = self.handler.progress = Progress(self.consumers + watched, pending)
             self.loop.call_soon(self.redraw)
         self.loop.call_later(STDOUT_CHECK_EVERY_S, self.check_stdout)
+        if self.args.stats_every is not None:
+            self.loop.call_later(self.args.stats_every, self.stats_tick)
         self.following = True
         try:
             self.loop.run()
@@ -693,6 +705,34 @@ class Command:
             self.stop()
             return
         self.loop.call_later(STDOUT_CHECK_EVERY_S, self.check_stdout)
+
+    def stats_tick(self) -> None:
+        """The ``--stats-every`` timer: print the statistics while a feed runs."""
+        if self.feeding():  # like check_stdout: it must not keep the loop running on its own
+            self.print_stats()
+            self.loop.call_later(self.args.stats_every, self.stats_tick)
+
+    def stats(self) -> Dict[str, Any]:
+        """The loop's and every feed's statistics (the library's plain dicts), by database."""
+        if self.watcher is not None:
+            consumers = list(self.watcher.consumers.values())
+        else:
+            consumers = self.consumers
+        feeds = {consumer.db.name: consumer.stats() for consumer in consumers}
+        return {"loop": self.loop.stats(), "feeds": feeds}
+
+    def print_stats(self) -> None:
+        """One JSON line on stderr (the loop's thread: SIGUSR1 only asks for it)."""
+        if self.progress is not None:
+            self.progress.clear()
+        sys.stderr.write(json.dumps(self.stats(), sort_keys=True, default=str) + "\n")
+        sys.stderr.flush()
+
+    def on_stats_signal(self, signum: int, frame: Any) -> None:
+        """SIGUSR1: print the statistics in the loop's next pass (never inside the handler,
+        which may have interrupted a write to stderr); ignored when not following."""
+        if self.following and not self.stopped:
+            self.loop.call_soon_threadsafe(self.print_stats)
 
     def pending(self) -> Optional[Dict[int, int]]:
         """How many changes wait for each consumer (by ``id``), if the servers say (for the
@@ -804,13 +844,16 @@ class Command:
             self.stop()
         elif isinstance(error, CheckpointError):  # retrying would print the same changes again
             self.fail(EXIT_FATAL, "%s: %s" % (name, error))
+        elif isinstance(error, GaveUpError):  # --max-retries, counted by the library
+            last = error.__cause__ or error
+            self.fail(
+                EXIT_GAVE_UP,
+                "%s: %s; gave up after %d failed attempts in a row (%.1f s)"
+                % (name, last, error.attempts, error.outage),
+            )
         elif event.will_retry:
-            count = self.failures[name] = self.failures.get(name, 0) + 1
-            if self.args.max_retries and count > self.args.max_retries:
-                retries = self.args.max_retries
-                self.fail(EXIT_GAVE_UP, "%s: %s; gave up after %d retries" % (name, error, retries))
-            else:
-                LOG.warning("%s: %s; retrying in %.2f s", name, error, event.retry_in or 0.0)
+            self.retrying.add(name)
+            LOG.warning("%s: %s; retrying in %.2f s", name, error, event.retry_in or 0.0)
         elif self.watcher is not None and isinstance(error, NotFound):
             pass  # deleted: on_drop says it
         elif error is not None:
@@ -825,7 +868,8 @@ class Command:
 
     def on_connect(self, event: FeedEvent) -> None:
         name = event.consumer.db.name
-        level = logging.WARNING if self.failures.pop(name, 0) else logging.INFO
+        level = logging.WARNING if name in self.retrying else logging.INFO
+        self.retrying.discard(name)
         LOG.log(level, "%s: connected, following changes after %s", name, json.dumps(event.seq))
 
     def on_disconnect(self, event: FeedEvent) -> None:
@@ -868,18 +912,26 @@ def logging_to_stderr(verbosity: int) -> Iterator[StderrHandler]:
 
 @contextlib.contextmanager
 def signals_to(command: Command) -> Iterator[None]:
-    """SIGINT and SIGTERM go to ``command.on_signal`` (from the main thread only: Python's rule)."""
+    """SIGINT and SIGTERM go to ``command.on_signal``, SIGUSR1 (where there is one) to
+    ``command.on_stats_signal`` (from the main thread only: Python's rule)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, command.on_signal)
+    handlers: Dict[int, Callable[[int, Any], None]] = {
+        signal.SIGINT: command.on_signal,
+        signal.SIGTERM: command.on_signal,
+    }
+    usr1 = getattr(signal, "SIGUSR1", None)  # not on Windows
+    if usr1 is not None:
+        handlers[usr1] = command.on_stats_signal
+    previous = {sig: signal.getsignal(sig) for sig in handlers}
+    for sig, ours in handlers.items():
+        signal.signal(sig, ours)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, theirs in previous.items():
+            signal.signal(sig, theirs)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
