@@ -7,7 +7,9 @@ flushes a line before it returns, so a change is out before its seq can be check
 lifecycle callbacks turn reconnections and errors into one stderr line each and decide the exit
 code; the library's own log, which would say the same things, is muted unless ``-v`` asks for it.
 SIGINT and SIGTERM only ask the loop to stop (stopping saves the checkpoints); outside the loop
-they interrupt.
+they interrupt, but never a checkpoint's save, and a second one waits for the stop the first one
+asked for (see ``Command.signals_deferred``). SIGUSR1 (and ``--stats-every``) prints the
+library's statistics to stderr as one JSON line.
 
 A closed stdout (``| head -1``) is noticed by the next write (``BrokenPipeError``), or on a quiet
 feed by a check of the descriptor every :data:`STDOUT_CHECK_EVERY_S` (a ``poll()`` for an error
