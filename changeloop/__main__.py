@@ -543,8 +543,7 @@ class Command:
         self.stop_asked = False
         self.stopped = False
         self.deferring = 0  # depth of signals_deferred() blocks being run
-        self.interrupted = False  # a signal came inside one: raised when the outermost ends
-        self.closed = False  # everything is stopped and saved: a signal only sets the exit code
+        self.interrupted = False  # a signal was held back (see on_signal): exit 130
 
     def close(self) -> None:
         with self.signals_deferred():
@@ -552,7 +551,6 @@ class Command:
             self.loop.close()
             for server in self.servers.values():
                 server.close()
-            self.closed = True
 
     @contextlib.contextmanager
     def signals_deferred(self) -> Iterator[None]:
@@ -560,8 +558,9 @@ class Command:
 
         Checkpoints are saved inside such blocks (each save, and every stop as a whole): a
         second signal (a double Ctrl-C, ``timeout -s TERM`` signalling the process group) used
-        to interrupt the stop's write and leave no checkpoint. The signal is noted and raised
-        as soon as the outermost block ends; only a block that ends normally raises it.
+        to interrupt the stop's write and leave no checkpoint. The signal is noted, and raised
+        as soon as the outermost block ends normally, unless a stop is asked for or done: the
+        stop then runs to its end and the exit code says 130 (see :meth:`on_signal`).
 
         Why a flag and not ``signal.pthread_sigmask``: a mask holds the signal back only in the
         thread that sets it, and a signal the kernel gives to another thread (a resolver's)
@@ -574,9 +573,9 @@ class Command:
             yield
         finally:
             self.deferring -= 1
-        if not self.deferring and self.interrupted:
+        if not self.deferring and self.interrupted and not (self.stop_asked or self.stopped):
             self.interrupted = False
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # a one-shot run: its save is done, the rest is not
 
     def store(self, db: Database) -> Optional[FileCheckpoint]:
         if self.args.checkpoint is None:
@@ -823,19 +822,21 @@ class Command:
 
     def on_signal(self, signum: int, frame: Any) -> None:
         """SIGINT, SIGTERM: the first one while following asks for a clean stop (in the loop's
-        next pass); a second one before that stop is done is held back until it is (every
-        checkpoint saved), then interrupts (exit 130). Outside the loop a signal interrupts at
-        once, but never a checkpoint's save (see :meth:`signals_deferred`)."""
+        next pass); one that comes once a stop is asked for or done never interrupts anything:
+        it makes the exit code 130, and the stop goes on until every checkpoint is saved.
+        Before following (set-up, a one-shot request) a signal interrupts at once, but never a
+        checkpoint's save (see :meth:`signals_deferred`)."""
         if self.following and not self.stop_asked:
             self.stop_asked = True  # and no logging: the signal may have come inside a log call
             self.loop.call_soon_threadsafe(self.stop)
             return
-        if self.deferring or self.closed or (self.stop_asked and not self.stopped):
+        if self.deferring or self.stop_asked or self.stopped:
             # Raising now could cut a change short between its line and its count (so the
-            # checkpoint would lag behind stdout), or a save: raised once the stop is done.
+            # checkpoint would lag behind stdout), a save, or a __del__ (which would print
+            # "Exception ignored"): noted, and raised only where a deferred block ends.
             self.interrupted = True
             return
-        raise KeyboardInterrupt  # set-up, a one-shot request, or a signal after the stop
+        raise KeyboardInterrupt  # set-up, a one-shot request
 
     # -- the consumers' lifecycle callbacks ------------------------------------------------
 
@@ -952,7 +953,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             # checkpoint saved and only sets the exit code (see Command.on_signal).
             with signals_to(command):
                 code = execute(command)
-                if command.interrupted:  # a signal after close: nothing left to interrupt
+                if command.interrupted:  # a signal held back while stopping: all is saved
                     code = EXIT_INTERRUPTED
                 LOG.info("%d changes in %.1f s", command.printed, time.monotonic() - started)
         except KeyboardInterrupt:  # delivered as the old handlers came back: all is saved
