@@ -3,7 +3,15 @@
 One thread, many databases, no dependencies. Every public name is importable from here; the
 submodules they come from are implementation detail as far as imports go (a vendored copy is
 imported under another name anyway). See the README for the tour.
+
+Logging: every module logs to a child of the ``changeloop`` logger (``changeloop.consumer``,
+``changeloop.watcher``...), which has a :class:`logging.NullHandler` and nothing else, as a
+library should: nothing is printed unless the application configures logging (without it,
+Python's last-resort handler would print each warning and error to stderr, and an error that is
+also raised would show twice).
 """
+
+import logging
 
 from ._version import __version__
 from .checkpoint import FileCheckpoint, LocalDocCheckpoint, MemoryCheckpoint
@@ -38,6 +46,8 @@ from .errors import (
 )
 from .loop import Loop
 from .watcher import DatabaseWatcher, DropEvent, shard_of
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "__version__",

@@ -7,7 +7,9 @@ flushes a line before it returns, so a change is out before its seq can be check
 lifecycle callbacks turn reconnections and errors into one stderr line each and decide the exit
 code; the library's own log, which would say the same things, is muted unless ``-v`` asks for it.
 SIGINT and SIGTERM only ask the loop to stop (stopping saves the checkpoints); outside the loop
-they interrupt.
+they interrupt, but never a checkpoint's save, and a second one waits for the stop the first one
+asked for (see ``Command.signals_deferred``). SIGUSR1 (and ``--stats-every``) prints the
+library's statistics to stderr as one JSON line.
 
 A closed stdout (``| head -1``) is noticed by the next write (``BrokenPipeError``), or on a quiet
 feed by a check of the descriptor every :data:`STDOUT_CHECK_EVERY_S` (a ``poll()`` for an error
@@ -29,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Set, Tuple
 from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 from . import _transport
@@ -42,6 +44,7 @@ from .errors import (
     CallbackError,
     ChangeloopError,
     CheckpointError,
+    GaveUpError,
     HTTPError,
     NetworkError,
     NotFound,
@@ -170,7 +173,10 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any]]] = [
         "help": "with --all-dbs on a server without _db_updates: seconds between _all_dbs "
         "polls (default %.0f)" % POLL_INTERVAL_S}),
     (("--max-retries",), {"type": int, "default": 0, "metavar": "N", "help": "retry a failing "
-        "feed N times in a row, then give up (exit 4); 0 (the default) retries forever"}),
+        "feed N times in a row, then give up (exit 4); 0 (the default) retries forever. A "
+        "connection that ends at once without a change counts as failing"}),
+    (("--stats-every",), {"type": float, "metavar": "S", "help": "every S seconds, print the "
+        "feeds' statistics to stderr as one JSON line (as SIGUSR1 does at any time)"}),
     (("--cacert",), {"metavar": "FILE", "help": "trust the CA certificates in FILE (PEM)"}),
     (("--insecure",), {"action": "store_true", "help": "do not verify TLS certificates: anyone "
         "on the way can read and change the traffic (for tests)"}),
@@ -327,6 +333,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError("--%s must be at least 1" % name)
     if args.max_retries < 0:
         raise UsageError("--max-retries must be 0 (forever) or more")
+    if args.stats_every is not None and not args.stats_every > 0:
+        raise UsageError("--stats-every must be more than 0")
     if not args.poll_interval > 0:
         raise UsageError("--poll-interval must be more than 0")
     if args.shard is not None:
@@ -419,16 +427,25 @@ class Progress:
 
 class RecordingCheckpoint(FileCheckpoint):
     """The command's checkpoint file: a save that fails is recorded, so that a failure in the
-    library's stop (which only logs it) still makes the command fail (exit 3)."""
+    library's stop (which only logs it) still makes the command fail (exit 3); and a save runs
+    with the command's signals deferred (``deferred``), so that a second Ctrl-C cannot cut it
+    short."""
 
     failures: List[CheckpointError] = []
 
+    def __init__(
+        self, path: str, key: Optional[str], deferred: Callable[[], ContextManager[None]]
+    ) -> None:
+        super().__init__(path, key=key)
+        self.deferred = deferred
+
     def save(self, seq: Any) -> None:
-        try:
-            super().save(seq)
-        except CheckpointError as exc:
-            self.failures.append(exc)
-            raise
+        with self.deferred():
+            try:
+                super().save(seq)
+            except CheckpointError as exc:
+                self.failures.append(exc)
+                raise
 
 
 def check_checkpoint(path: str) -> None:
@@ -494,6 +511,8 @@ def hint(error: BaseException) -> str:
 
 
 def exit_code(error: BaseException) -> int:
+    if isinstance(error, GaveUpError):
+        return EXIT_GAVE_UP
     network = isinstance(error, NetworkError) and not isinstance(error, TLSError)
     return EXIT_GAVE_UP if network else EXIT_FATAL
 
@@ -537,23 +556,51 @@ class Command:
         #: With --batch and --limit: the consumer whose batch the limit cut, and the seq of the
         #: last change printed from it.
         self.cut: Optional[Tuple[Consumer, Any]] = None
-        self.failures: Dict[str, int] = {}  # failed connection attempts in a row, by database
+        self.retrying: Set[str] = set()  # databases that failed since they last connected
         self.exit_code = EXIT_OK
         self.following = False
         self.stop_asked = False
         self.stopped = False
+        self.deferring = 0  # depth of signals_deferred() blocks being run
+        self.interrupted = False  # a signal was held back (see on_signal): exit 130
 
     def close(self) -> None:
-        self.stop()
-        self.loop.close()
-        for server in self.servers.values():
-            server.close()
+        with self.signals_deferred():
+            self.stop()
+            self.loop.close()
+            for server in self.servers.values():
+                server.close()
+
+    @contextlib.contextmanager
+    def signals_deferred(self) -> Iterator[None]:
+        """Hold back the ``KeyboardInterrupt`` of a signal until the block is done.
+
+        Checkpoints are saved inside such blocks (each save, and every stop as a whole): a
+        second signal (a double Ctrl-C, ``timeout -s TERM`` signalling the process group) used
+        to interrupt the stop's write and leave no checkpoint. The signal is noted, and raised
+        as soon as the outermost block ends normally, unless a stop is asked for or done: the
+        stop then runs to its end and the exit code says 130 (see :meth:`on_signal`).
+
+        Why a flag and not ``signal.pthread_sigmask``: a mask holds the signal back only in the
+        thread that sets it, and a signal the kernel gives to another thread (a resolver's)
+        still runs the Python handler in the main thread. The flag works on any platform, and
+        the interrupted system calls (write, fsync, flock) are retried by Python (PEP 475) when
+        the handler returns.
+        """
+        self.deferring += 1
+        try:
+            yield
+        finally:
+            self.deferring -= 1
+        if not self.deferring and self.interrupted and not (self.stop_asked or self.stopped):
+            self.interrupted = False
+            raise KeyboardInterrupt  # a one-shot run: its save is done, the rest is not
 
     def store(self, db: Database) -> Optional[FileCheckpoint]:
         if self.args.checkpoint is None:
             return None
         key = db.server.url + "/" + quote(db.name, "")
-        return RecordingCheckpoint(self.args.checkpoint, key=key)
+        return RecordingCheckpoint(self.args.checkpoint, key, self.signals_deferred)
 
     def emit(self, name: str, change: Dict[str, Any]) -> None:
         """Print a change: the consumers' callback."""
@@ -604,6 +651,8 @@ class Command:
             "on_connect": self.on_connect,
             "on_disconnect": self.on_disconnect,
             "on_caught_up": self.on_caught_up,
+            # The library's give-up policy: it counts attempts until a connection is healthy.
+            "max_retries": self.args.max_retries or None,
         }
         emit: Callable[[str, Any], None] = self.emit
         if self.args.batch is not None:
@@ -640,6 +689,8 @@ class Command:
             self.progress = self.handler.progress = Progress(self.consumers + watched, pending)
             self.loop.call_soon(self.redraw)
         self.loop.call_later(STDOUT_CHECK_EVERY_S, self.check_stdout)
+        if self.args.stats_every is not None:
+            self.loop.call_later(self.args.stats_every, self.stats_tick)
         self.following = True
         try:
             self.loop.run()
@@ -674,6 +725,34 @@ class Command:
             self.stop()
             return
         self.loop.call_later(STDOUT_CHECK_EVERY_S, self.check_stdout)
+
+    def stats_tick(self) -> None:
+        """The ``--stats-every`` timer: print the statistics while a feed runs."""
+        if self.feeding():  # like check_stdout: it must not keep the loop running on its own
+            self.print_stats()
+            self.loop.call_later(self.args.stats_every, self.stats_tick)
+
+    def stats(self) -> Dict[str, Any]:
+        """The loop's and every feed's statistics (the library's plain dicts), by database."""
+        if self.watcher is not None:
+            consumers = list(self.watcher.consumers.values())
+        else:
+            consumers = self.consumers
+        feeds = {consumer.db.name: consumer.stats() for consumer in consumers}
+        return {"loop": self.loop.stats(), "feeds": feeds}
+
+    def print_stats(self) -> None:
+        """One JSON line on stderr (the loop's thread: SIGUSR1 only asks for it)."""
+        if self.progress is not None:
+            self.progress.clear()
+        sys.stderr.write(json.dumps(self.stats(), sort_keys=True, default=str) + "\n")
+        sys.stderr.flush()
+
+    def on_stats_signal(self, signum: int, frame: Any) -> None:
+        """SIGUSR1: print the statistics in the loop's next pass (never inside the handler,
+        which may have interrupted a write to stderr); ignored when not following."""
+        if self.following and not self.stopped:
+            self.loop.call_soon_threadsafe(self.print_stats)
 
     def pending(self) -> Optional[Dict[int, int]]:
         """How many changes wait for each consumer (by ``id``), if the servers say (for the
@@ -738,17 +817,21 @@ class Command:
                     yield server.get_db(found)
 
     def stop(self) -> None:
-        """Stop every feed (each saves its checkpoint) and the loop. The loop's thread only."""
-        self.stopped = True
-        if self.watcher is not None:
-            self.watcher.stop()
-        for consumer in self.consumers:
-            consumer.stop()
-        if self.progress is not None:
-            self.progress.clear()
-            self.progress.waiting.clear()
-        if self.loop.is_running():
-            self.loop.stop()
+        """Stop every feed (each saves its checkpoint) and the loop. The loop's thread only.
+
+        A signal meanwhile is raised once every feed has stopped (see :meth:`signals_deferred`).
+        """
+        with self.signals_deferred():
+            self.stopped = True
+            if self.watcher is not None:
+                self.watcher.stop()
+            for consumer in self.consumers:
+                consumer.stop()
+            if self.progress is not None:
+                self.progress.clear()
+                self.progress.waiting.clear()
+            if self.loop.is_running():
+                self.loop.stop()
 
     def fail(self, code: int, message: str) -> None:
         if self.exit_code == EXIT_OK:  # the first failure decides
@@ -757,11 +840,22 @@ class Command:
         self.stop()
 
     def on_signal(self, signum: int, frame: Any) -> None:
+        """SIGINT, SIGTERM: the first one while following asks for a clean stop (in the loop's
+        next pass); one that comes once a stop is asked for or done never interrupts anything:
+        it makes the exit code 130, and the stop goes on until every checkpoint is saved.
+        Before following (set-up, a one-shot request) a signal interrupts at once, but never a
+        checkpoint's save (see :meth:`signals_deferred`)."""
         if self.following and not self.stop_asked:
             self.stop_asked = True  # and no logging: the signal may have come inside a log call
             self.loop.call_soon_threadsafe(self.stop)
             return
-        raise KeyboardInterrupt  # set-up, a one-shot request, or a second signal
+        if self.deferring or self.stop_asked or self.stopped:
+            # Raising now could cut a change short between its line and its count (so the
+            # checkpoint would lag behind stdout), a save, or a __del__ (which would print
+            # "Exception ignored"): noted, and raised only where a deferred block ends.
+            self.interrupted = True
+            return
+        raise KeyboardInterrupt  # set-up, a one-shot request
 
     # -- the consumers' lifecycle callbacks ------------------------------------------------
 
@@ -772,13 +866,16 @@ class Command:
             self.stop()
         elif isinstance(error, CheckpointError):  # retrying would print the same changes again
             self.fail(EXIT_FATAL, "%s: %s" % (name, error))
+        elif isinstance(error, GaveUpError):  # --max-retries, counted by the library
+            last = error.__cause__ or error
+            self.fail(
+                EXIT_GAVE_UP,
+                "%s: %s; gave up after %d failed attempts in a row (%.1f s)"
+                % (name, last, error.attempts, error.outage),
+            )
         elif event.will_retry:
-            count = self.failures[name] = self.failures.get(name, 0) + 1
-            if self.args.max_retries and count > self.args.max_retries:
-                retries = self.args.max_retries
-                self.fail(EXIT_GAVE_UP, "%s: %s; gave up after %d retries" % (name, error, retries))
-            else:
-                LOG.warning("%s: %s; retrying in %.2f s", name, error, event.retry_in or 0.0)
+            self.retrying.add(name)
+            LOG.warning("%s: %s; retrying in %.2f s", name, error, event.retry_in or 0.0)
         elif self.watcher is not None and isinstance(error, NotFound):
             pass  # deleted: on_drop says it
         elif error is not None:
@@ -793,7 +890,8 @@ class Command:
 
     def on_connect(self, event: FeedEvent) -> None:
         name = event.consumer.db.name
-        level = logging.WARNING if self.failures.pop(name, 0) else logging.INFO
+        level = logging.WARNING if name in self.retrying else logging.INFO
+        self.retrying.discard(name)
         LOG.log(level, "%s: connected, following changes after %s", name, json.dumps(event.seq))
 
     def on_disconnect(self, event: FeedEvent) -> None:
@@ -836,18 +934,26 @@ def logging_to_stderr(verbosity: int) -> Iterator[StderrHandler]:
 
 @contextlib.contextmanager
 def signals_to(command: Command) -> Iterator[None]:
-    """SIGINT and SIGTERM go to ``command.on_signal`` (from the main thread only: Python's rule)."""
+    """SIGINT and SIGTERM go to ``command.on_signal``, SIGUSR1 (where there is one) to
+    ``command.on_stats_signal`` (from the main thread only: Python's rule)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, command.on_signal)
+    handlers: Dict[int, Callable[[int, Any], None]] = {
+        signal.SIGINT: command.on_signal,
+        signal.SIGTERM: command.on_signal,
+    }
+    usr1 = getattr(signal, "SIGUSR1", None)  # not on Windows
+    if usr1 is not None:
+        handlers[usr1] = command.on_stats_signal
+    previous = {sig: signal.getsignal(sig) for sig in handlers}
+    for sig, ours in handlers.items():
+        signal.signal(sig, ours)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, theirs in previous.items():
+            signal.signal(sig, theirs)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -861,21 +967,37 @@ def main(argv: Optional[List[str]] = None) -> int:
             command = Command(args, handler)
         except UsageError as exc:
             parser.error(str(exc))  # exits 2
-        with signals_to(command):
-            try:
-                code = command.run()
-            except KeyboardInterrupt:
-                code = EXIT_INTERRUPTED
-            except BrokenPipeError:
-                quiet_stdout()
-                code = EXIT_OK
-            except ChangeloopError as exc:
-                code = exit_code(exc)
-                LOG.error("%s%s", exc, hint(exc))
-            finally:
-                command.close()  # stops whatever still runs, so every checkpoint is saved
-        LOG.info("%d changes in %.1f s", command.printed, time.monotonic() - started)
+        try:
+            # The signals go back to their old handlers last: a late signal finds every
+            # checkpoint saved and only sets the exit code (see Command.on_signal).
+            with signals_to(command):
+                code = execute(command)
+                if command.interrupted:  # a signal held back while stopping: all is saved
+                    code = EXIT_INTERRUPTED
+                LOG.info("%d changes in %.1f s", command.printed, time.monotonic() - started)
+        except KeyboardInterrupt:  # delivered as the old handlers came back: all is saved
+            code = EXIT_INTERRUPTED
         return code
+
+
+def execute(command: Command) -> int:
+    """Run ``command``, then close it (which stops and saves whatever still runs); the code."""
+    try:
+        code = command.run()
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        quiet_stdout()
+        code = EXIT_OK
+    except ChangeloopError as exc:
+        code = exit_code(exc)
+        LOG.error("%s%s", exc, hint(exc))
+    finally:
+        try:
+            command.close()  # stops whatever still runs, so every checkpoint is saved
+        except KeyboardInterrupt:  # a signal during close, raised once it was done
+            code = EXIT_INTERRUPTED
+    return code
 
 
 if __name__ == "__main__":

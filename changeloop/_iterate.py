@@ -23,9 +23,7 @@ class ChangesIterator:
     delivered again next time.
     """
 
-    def __init__(
-        self, consumer: Any, since: Any, feed: str, params: Dict[str, Any]
-    ) -> None:
+    def __init__(self, consumer: Any, since: Any, feed: str, params: Dict[str, Any]) -> None:
         # consumer: a Consumer, whose module imports this one (so it is not named here).
         self._queue: Deque[Change] = collections.deque()
         self._one_shot: Optional[Iterator[Change]] = None

@@ -13,7 +13,9 @@ that raises is logged. Only ``KeyboardInterrupt`` and ``SystemExit`` leave the l
 Embedding tiers (after paho-mqtt): :meth:`Loop.run` blocks; :meth:`Loop.run_once` is one pass for
 a legacy ``while`` loop; :meth:`Loop.run_in_thread` is a background thread fed through
 :meth:`Loop.call_soon_threadsafe`; a host's own ``select()`` waits on :meth:`Loop.fileno` for
-:meth:`Loop.next_timeout` seconds, then calls ``run_once(0)``. The loop knows nothing of HTTP.
+:meth:`Loop.next_timeout` seconds, then calls ``run_once(0)``. The two hand-driven tiers ask
+:meth:`Loop.has_work` whether anything is left (what makes :meth:`Loop.run` return), so a host
+whose last feed stopped does not wait for ever. The loop knows nothing of HTTP.
 """
 
 import collections
@@ -412,6 +414,10 @@ class Loop:
         callbacks are queued. Only callbacks queued before the pass run in it, so a callback that
         re-queues itself cannot starve I/O.
 
+        Loop while :meth:`has_work` is true (``while loop.has_work(): loop.run_once(0.1)``):
+        once it is false (every consumer stopped, say after a 404), a pass only waits, and
+        ``run_once(None)`` waits for ever unless another thread queues work.
+
         Args:
             timeout: the longest wait in seconds; ``0`` polls, ``None`` waits for work.
 
@@ -473,9 +479,24 @@ class Loop:
 
         Returns:
             ``0.0`` if callbacks are queued, else the seconds to the next timer (never negative),
-            else ``None``: wait until :meth:`fileno` is readable.
+            else ``None``: wait until :meth:`fileno` is readable. ``None`` is also the answer of
+            a loop with nothing left to do, whose :meth:`fileno` only another thread can wake:
+            check :meth:`has_work` first, and stop waiting when it is false.
         """
         return self._select_timeout(None)
+
+    def has_work(self) -> bool:
+        """Return whether anything is left to do. Tiers: own ``while`` loop, host select.
+
+        Work is a watched handler (a feed's socket), a live timer (a backoff, a watchdog) or a
+        queued callback: what keeps :meth:`run` going. False once every consumer on the loop
+        has stopped (a 404, ``stop()``, a ``limit``): a host driving the loop by hand ends its
+        own loop then (and looks at each consumer's ``error``), instead of waiting in
+        ``select()`` on a :meth:`fileno` that nothing will make readable. Handlers parked
+        without interest do not count, as for :meth:`run`. A closed loop has none. Loop thread
+        only; not thread-safe.
+        """
+        return not self._closed and self._has_work()
 
     def stop(self) -> None:
         """Make :meth:`run` return after the current pass. Any tier; thread-safe; idempotent.

@@ -246,7 +246,8 @@ class DatabaseWatcher:
             if exc.status not in NO_DB_UPDATES_STATUSES:
                 raise
             self._fall_back(
-                "%s has no usable _db_updates (HTTP %d)" % (self.server.url, exc.status)
+                "%s has no usable _db_updates (HTTP %d)" % (self.server.url, exc.status),
+                expected=True,
             )
         else:
             names = self._listing()  # those not in the first one appeared after the start
@@ -269,9 +270,18 @@ class DatabaseWatcher:
             self.loop.call_soon_threadsafe(self._stop)
 
     def run(self) -> None:
-        """Start, and run the loop in this thread until :meth:`stop`."""
+        """Start, and run the loop in this thread until :meth:`stop`.
+
+        Ctrl-C (``KeyboardInterrupt``, or ``SystemExit``) stops every consumer, which saves its
+        checkpoint, and is then raised again: a caller can tell an interruption from a stop.
+        """
         self.start()
-        self.loop.run(forever=True)
+        try:
+            self.loop.run(forever=True)
+        except BaseException:  # only KeyboardInterrupt and SystemExit leave the loop
+            logger.info("interrupted; stopping %d consumers", len(self.consumers))
+            self.loop.call_threadsafe(self._shutdown)  # run() has returned: at once, here
+            raise
 
     def _stop(self) -> None:
         self._shutdown()
@@ -317,7 +327,7 @@ class DatabaseWatcher:
             callback = self.callback
             consumer.start(lambda change: callback(name, change), since=since, **self.params)
         except Exception as exc:  # a store that cannot load (403), a bad option: this one only
-            logger.error("%s: cannot follow it: %r", name, exc)
+            logger.debug("%s: cannot follow it: %r", name, exc)  # _drop says it, once
             self._drop(name, None, exc, since)
             return
         self.consumers[name] = consumer
@@ -423,15 +433,20 @@ class DatabaseWatcher:
         if feed is not self._updates or feed.running or not self._running:
             return
         self._updates = None
+        expected = False
         if isinstance(error, HTTPError) and error.status in NO_DB_UPDATES_STATUSES:
+            expected = True
             reason = "%s has no usable _db_updates (HTTP %d)" % (self.server.url, error.status)
         else:
             reason = "the _db_updates feed of %s stopped: %s" % (self.server.url, error)
-        self._fall_back(reason)
+        self._fall_back(reason, expected)
         self._poll()  # at once: events may have been missed
 
-    def _fall_back(self, reason: str) -> None:
-        logger.warning("%s; polling _all_dbs every %.0f s instead", reason, self.poll_interval)
+    def _fall_back(self, reason: str, expected: bool) -> None:
+        # No _db_updates (pouchdb-server, a non-admin user) is an expected, documented fallback:
+        # INFO. A feed that worked and then stopped for good is worth a WARNING.
+        level = logging.INFO if expected else logging.WARNING
+        logger.log(level, "%s; polling _all_dbs every %.0f s instead", reason, self.poll_interval)
         self.mode = "polling"
         self._poll_timer = self.loop.call_later(self.poll_interval, self._poll)
 

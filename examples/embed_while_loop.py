@@ -1,6 +1,9 @@
 """Tier 1: a legacy program's own ``while`` loop calls ``loop.run_once()`` each turn.
 
-python examples/embed_while_loop.py http://127.0.0.1:5984/mydb [COUNT]
+``loop.has_work()`` turns false once every consumer has stopped (a 404, say): the program then
+stops turning the loop and looks at the error.
+
+    python examples/embed_while_loop.py http://127.0.0.1:5984/mydb [COUNT]
 """
 
 import sys
@@ -24,9 +27,11 @@ with Loop() as loop:
     consumer = Consumer(db, loop)
     consumer.start(on_change, since=0)
     deadline = time.monotonic() + 30
-    while len(seen) < count and time.monotonic() < deadline:
+    while len(seen) < count and time.monotonic() < deadline and loop.has_work():
         loop.run_once(0.1)  # at most 0.1 s here, then back to the program's own work
         # ... the legacy program's own work goes here ...
     consumer.stop()
 server.close()
+if consumer.error is not None:  # stopped for good: a 404, a 401, a callback that raised...
+    sys.exit("error: %s" % consumer.error)
 sys.exit(0 if len(seen) >= count else 1)

@@ -27,7 +27,7 @@ import pytest
 import trustme
 from conftest import CouchAdmin
 from couch3 import COUCH_HEAD, chunk, feed, normal_since_now, rows, seq
-from scripted import Pause, Read, ScriptedServer, Send, Stall
+from scripted import Close, Pause, Read, ScriptedServer, Send, Stall
 from testserver import server_url_from_env, start_server
 
 import changeloop
@@ -95,6 +95,22 @@ class Cli:
                 raise AssertionError("no %r on stderr: %s" % (text, self.stderr)) from None
             if line is None:
                 raise AssertionError("stderr ended without %r: %s" % (text, self.stderr))
+            self.err_lines.append(line)
+
+    def stats(self, count: int, timeout: float = READ_TIMEOUT_S) -> List[Dict[str, Any]]:
+        """The first ``count`` JSON lines on stderr (the statistics), decoded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [json.loads(line) for line in self.err_lines if line.startswith("{")]
+            if len(found) >= count:
+                return found[:count]
+            try:
+                line = self._err.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                message = "%d of %d stats lines: %s" % (len(found), count, self.stderr)
+                raise AssertionError(message) from None
+            if line is None:
+                raise AssertionError("stderr ended: %s" % self.stderr)
             self.err_lines.append(line)
 
     def finish(self, timeout: float = EXIT_TIMEOUT_S) -> Tuple[int, List[Change], str]:
@@ -483,6 +499,46 @@ def test_a_signal_stops_cleanly_and_checkpoints(
     assert json.loads(checkpoint.read_text())["seqs"][url] == seen[-1]["seq"]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_during_the_stop_never_loses_the_checkpoint(
+    start: Start,
+    couchdb_url: str,
+    couchdb_admin: CouchAdmin,
+    db: str,
+    tmp_path: Path,
+    signum: int,
+) -> None:
+    # `kill -INT` twice in quick succession, or `timeout -s TERM` (which signals the whole
+    # process group): the second signal used to interrupt the stop's checkpoint write, and the
+    # run exited 130 with no checkpoint. Whatever the gap, the file is there and names the last
+    # change printed. The gaps straddle the stop's save (a few milliseconds, fsyncs included).
+    url = couchdb_url + "/" + db
+    put(couchdb_admin, db, "a", "b", "c")
+    for run_index, gap in enumerate(
+        [0, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008]
+    ):
+        checkpoint = tmp_path / ("seqs-%d.json" % run_index)
+        cli = start("--checkpoint", str(checkpoint), url)
+        seen = cli.lines(3)
+        cli.process.send_signal(signum)
+        time.sleep(gap)
+        cli.process.send_signal(signum)
+        code, rest, err = cli.finish()
+        # 0: the second signal came before the first was handled; 130: during the stop; killed
+        # by the signal itself (-signum, which a shell shows as 128 + signum): after the command
+        # had finished and given the signals back their default action on its way out.
+        assert code in (0, 130, -signum) and rest == [], (gap, code, err)
+        assert checkpoint.exists(), "run %d (gap %.4f s): exit %d, no checkpoint" % (
+            run_index,
+            gap,
+            code,
+        )
+        assert json.loads(checkpoint.read_text())["seqs"][url] == seen[-1]["seq"]
+        # Nothing of the command's on stderr. (A signal that comes once main() has returned
+        # meets the interpreter's own exit, which may say "Exception ignored in <threading>".)
+        assert "changeloop" not in err, err
+
+
 def test_all_dbs_with_pattern_and_shard(
     start: Start, couchdb_url: str, couchdb_admin: CouchAdmin
 ) -> None:
@@ -511,9 +567,11 @@ def test_all_dbs_since_now_follows_a_database_created_later_from_its_start(
     prefix = "cli-%s-" % uuid.uuid4().hex[:8]
     couchdb_admin.put_db(prefix + "old")
     put(couchdb_admin, prefix + "old", "before")
-    args = ("-v", "--all-dbs", prefix + "*", "--since", "now", "--poll-interval", "0.2")
+    args = ("-vv", "--all-dbs", prefix + "*", "--since", "now", "--poll-interval", "0.2")
     cli = start(*args, couchdb_url)
-    cli.wait_stderr("polling _all_dbs")  # pouchdb-server: the first listing is done
+    # pouchdb-server: the first listing is done (an expected fallback: the library says it at
+    # INFO, which the command shows with -vv)
+    cli.wait_stderr("polling _all_dbs")
     couchdb_admin.put_db(prefix + "new")
     put(couchdb_admin, prefix + "new", "welcome", "profile")
     first = cli.lines(2)
@@ -749,6 +807,23 @@ def test_unreachable_server_gives_up(start: Start) -> None:
     assert len(lines) == 2 and time.monotonic() - started < 5
 
 
+def test_max_retries_is_the_librarys_and_counts_connections_that_end_at_once(start: Start) -> None:
+    # A server that answers every feed with its head and hangs up: each connection is made (the
+    # command's own count used to start again at each), none is healthy. The library counts
+    # attempts until one is: --max-retries 2 gives up at the third failed one.
+    with ScriptedServer([[Read(), Send(COUCH_HEAD), Close()]]) as flapping:
+        started = time.monotonic()
+        code, out, err = run(start, "--max-retries", "2", flapping.url + "/db")
+        requests = len(flapping.requests)
+    assert (code, out, requests) == (4, [], 3), err
+    lines = err.splitlines()
+    assert lines[-1].startswith("changeloop: error: db: "), err
+    assert not any(line.startswith("changeloop: error:") for line in lines[:-1]), err
+    assert "gave up after 3 failed attempts in a row" in lines[-1]
+    assert len([line for line in lines if "retrying in" in line]) == 2
+    assert time.monotonic() - started < 5
+
+
 def test_missing_database_is_fatal(start: Start, couchdb_url: str, db_name: str) -> None:
     code, out, err = run(start, couchdb_url + "/" + db_name)
     assert (code, out) == (3, [])
@@ -832,3 +907,59 @@ def test_tls(start: Start, tls_server: ScriptedServer, ca: trustme.CA, tmp_path:
     assert err == "changeloop: warning: --insecure: TLS certificates are not verified\n"
     code, _, err = run(start, "--cacert", str(tmp_path / "missing.pem"), url)
     assert code == 2 and "cannot load --cacert" in err
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+LOOP_STATS = {"handlers", "timers", "ready", "running", "feeds"}
+FEED_STATS = {
+    "state", "phase", "paused", "connections", "delivered", "last_seq", "last_error",
+    "last_error_at", "since_last_byte", "pending",
+}  # fmt: skip
+
+
+def check_stats(line: Dict[str, Any], db: str, delivered: int) -> None:
+    assert set(line) == {"loop", "feeds"} and set(line["feeds"]) == {db}
+    assert set(line["loop"]) >= LOOP_STATS
+    assert {state: n for state, n in line["loop"]["feeds"].items() if n} == {"streaming": 1}
+    feed = line["feeds"][db]
+    assert set(feed) >= FEED_STATS
+    assert (feed["state"], feed["delivered"], feed["connections"]) == ("streaming", delivered, 1)
+    assert (feed["last_error"], feed["paused"]) == (None, False)
+
+
+def test_stats_every_prints_one_json_line_on_stderr(
+    start: Start, couchdb_url: str, couchdb_admin: CouchAdmin, db: str
+) -> None:
+    put(couchdb_admin, db, "a", "b", "c")
+    cli = start("--stats-every", "0.1", couchdb_url + "/" + db)
+    assert ids(cli.lines(3)) == ["a", "b", "c"]
+    so_far = cli.stderr.count("\n")  # the lines printed before the changes were read, or so
+    lines = cli.stats(so_far + 3)  # every 0.1 s: the last ones come after the 3 changes
+    check_stats(lines[-1], db, 3)
+    assert [line["feeds"][db]["delivered"] for line in lines] == sorted(
+        line["feeds"][db]["delivered"] for line in lines
+    )
+    cli.process.send_signal(signal.SIGTERM)
+    code, rest, err = cli.finish()
+    assert (code, rest) == (0, [])
+    assert all(line.startswith("{") for line in err.splitlines())  # nothing else on stderr
+
+
+def test_sigusr1_prints_the_stats_once(
+    start: Start, couchdb_url: str, couchdb_admin: CouchAdmin, db: str
+) -> None:
+    put(couchdb_admin, db, "a", "b")
+    cli = start(couchdb_url + "/" + db)
+    assert ids(cli.lines(2)) == ["a", "b"]
+    cli.process.send_signal(signal.SIGUSR1)
+    check_stats(cli.stats(1)[0], db, 2)
+    put(couchdb_admin, db, "c")
+    assert ids(cli.lines(1)) == ["c"]
+    cli.process.send_signal(signal.SIGUSR1)
+    second = cli.stats(2)[1]
+    check_stats(second, db, 3)
+    assert second["feeds"][db]["last_seq"] == 3 and second["feeds"][db]["since_last_byte"] >= 0
+    cli.process.send_signal(signal.SIGTERM)
+    code, rest, err = cli.finish()
+    assert (code, rest) == (0, []) and len(err.splitlines()) == 2  # the two lines, no more

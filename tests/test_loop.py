@@ -174,6 +174,38 @@ def test_cancelled_timers_do_not_keep_run_alive(loop: Loop) -> None:
     assert time.monotonic() - started < 0.5
 
 
+def test_has_work_says_when_nothing_is_left(
+    loop: Loop, clock: FakeClock, socketpair: Callable[[], SocketPair]
+) -> None:
+    # The hand-driven tiers' answer to "is anything left?": next_timeout() is None both for a
+    # loop waiting on sockets and for one with nothing left; has_work() tells them apart.
+    assert not loop.has_work() and loop.next_timeout() is None
+    timer = loop.call_later(5, pytest.fail, "cancelled")
+    assert loop.has_work()
+    timer.cancel()
+    assert not loop.has_work()  # a cancelled timer still in the heap is not work
+    loop.call_soon(lambda: None)
+    assert loop.has_work() and loop.next_timeout() == 0.0
+    loop.run_once(0)
+    assert not loop.has_work()
+    a, b = socketpair()
+    loop.add_handler(a, Recorder(a))
+    assert loop.has_work() and loop.next_timeout() is None  # waiting on a socket: work
+    loop.set_interest(a, read=False, write=False)
+    assert not loop.has_work()  # parked: as for run(), it keeps nothing alive
+    loop.set_interest(a, read=True, write=False)
+    assert loop.has_work()
+    loop.remove_handler(a)
+    fired: List[int] = []
+    loop.call_later(1, fired.append, 1)
+    clock.advance(1)
+    while loop.has_work():  # the documented host loop ends once the last timer fired
+        loop.run_once(0)
+    assert fired == [1]
+    loop.close()
+    assert not loop.has_work()
+
+
 def test_watchdog_rearm_keeps_heap_bounded(loop: Loop) -> None:
     for i in range(50):
         loop.call_later(100 + i, pytest.fail, "not reached")

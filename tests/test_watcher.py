@@ -2,6 +2,7 @@
 and stable, complete shard assignment."""
 
 import json
+import logging
 import queue
 import socket
 import subprocess
@@ -369,10 +370,14 @@ def test_polling_fallback_against_the_real_server(
             params={"heartbeat": 1000},
         )
         try:
-            with caplog.at_level("WARNING", logger="changeloop.watcher"):
+            with caplog.at_level("DEBUG", logger="changeloop"):
                 watcher.start()
                 run_until(loop, lambda: watcher.mode == "polling" and len(seen) == 2)
-            assert "polling _all_dbs" in caplog.text
+            # pouchdb-server has no _db_updates: an expected fallback, said at INFO, and nothing
+            # on the way is a warning or an error.
+            fallback = [r for r in caplog.records if "polling _all_dbs" in r.getMessage()]
+            assert [r.levelname for r in fallback] == ["INFO"]
+            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
             assert sorted(seen) == [(prefix + "a", "doc-a"), (prefix + "b", "doc-b")]
 
             server.create_db(prefix + "c").save_doc({"_id": "doc-c"})
@@ -441,7 +446,9 @@ def test_since_now_follows_a_database_created_later_from_its_beginning(
             watcher.stop()
 
 
-def test_polling_survives_a_database_that_cannot_start(couchdb_url: str, prefix: str) -> None:
+def test_polling_survives_a_database_that_cannot_start(
+    couchdb_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
     # A store that cannot load (a 403) used to escape from the poll, which was never armed
     # again: databases created later were never followed.
     clock = FakeClock()
@@ -463,6 +470,9 @@ def test_polling_survives_a_database_that_cannot_start(couchdb_url: str, prefix:
             assert (drops[0].name, drops[0].failures, drops[0].retry_in) == (prefix + "bad", 1, 10)
             assert isinstance(drops[0].error, Forbidden)
             assert watcher.active() == [prefix + "later"] and watcher.dropped() == [prefix + "bad"]
+            # Said once, as a warning (it is retried), not once as an error and again as that.
+            said = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno > 20]
+            assert [level for level, message in said if prefix + "bad" in message] == ["WARNING"]
         finally:
             watcher.stop()
 
