@@ -244,7 +244,8 @@ class Loop:
 
         ``selector.modify()`` runs only if the interest changes. With neither read nor write the
         file object leaves the selector (which cannot hold zero events) but its handler is kept,
-        parked, for a later ``set_interest``; a parked handler does not keep :meth:`run` alive.
+        parked, for a later ``set_interest``; a parked handler still keeps :meth:`run` going
+        (its owner will come back to it: a paused feed).
 
         Args:
             fileobj: the same object that was given to :meth:`add_handler`.
@@ -492,8 +493,9 @@ class Loop:
         queued callback: what keeps :meth:`run` going. False once every consumer on the loop
         has stopped (a 404, ``stop()``, a ``limit``): a host driving the loop by hand ends its
         own loop then (and looks at each consumer's ``error``), instead of waiting in
-        ``select()`` on a :meth:`fileno` that nothing will make readable. Handlers parked
-        without interest do not count, as for :meth:`run`. A closed loop has none. Loop thread
+        ``select()`` on a :meth:`fileno` that nothing will make readable. A handler parked
+        without interest counts (a paused feed: it waits to be resumed), as for :meth:`run`. A
+        closed loop has none. Loop thread
         only; not thread-safe.
         """
         return not self._closed and self._has_work()
@@ -630,7 +632,9 @@ class Loop:
         # always has a live timer; counting handlers costs three calls into selectors.
         if self._ready or len(self._timers) > self._cancelled_timers:
             return True
-        return len(self._selector.get_map()) > 1  # more than the wake-up socket
+        # More than the wake-up socket, or a handler parked without interest: its owner means
+        # to come back to it (a paused feed, resumed from another thread), so it is work too.
+        return len(self._selector.get_map()) > 1 or bool(self._parked)
 
     def _key(self, fileobj: FileLike) -> Optional[selectors.SelectorKey]:
         try:

@@ -192,7 +192,8 @@ def test_has_work_says_when_nothing_is_left(
     loop.add_handler(a, Recorder(a))
     assert loop.has_work() and loop.next_timeout() is None  # waiting on a socket: work
     loop.set_interest(a, read=False, write=False)
-    assert not loop.has_work()  # parked: as for run(), it keeps nothing alive
+    # Parked (a paused feed): still work, for run() too; its owner resumes it from elsewhere.
+    assert loop.has_work()
     loop.set_interest(a, read=True, write=False)
     assert loop.has_work()
     loop.remove_handler(a)
@@ -499,7 +500,7 @@ def test_set_interest_modifies_only_on_change_and_parks_on_none(
         a_peer.send(b"waiting")
         loop.run_once(0)
         assert handler.data == b""
-        loop.run()  # a parked handler does not keep run() alive
+        assert loop.has_work()  # parked, not gone: run() waits for its owner to come back
         loop.set_interest(a, read=True, write=False)
         run_until(loop, lambda: handler.data == b"waiting")
 
