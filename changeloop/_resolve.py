@@ -72,7 +72,9 @@ class Resolver:
         self._cache_s = cache_s
         self._cache: Dict[Key, Tuple[float, List[AddrInfo]]] = {}
         self._waiting: Dict[Key, List[Callback]] = {}  # lookups under way, and who waits
-        self._queue: queue.SimpleQueue[Optional[Key]] = queue.SimpleQueue()
+        # Names to look up, None to end a worker: typed by the comment, since the subscript
+        # SimpleQueue[...] is Python 3.9+ and this package runs on 3.8.
+        self._queue = queue.SimpleQueue()  # type: queue.SimpleQueue[Optional[Key]]
         self._threads: List[threading.Thread] = []
         self._idle = 0  # workers waiting for a name (only changed under _lock)
         self._lock = threading.Lock()
