@@ -60,6 +60,7 @@ LAYERS: Dict[str, int] = {
     "_perloop": 7,  # what one loop's consumers share: the connect gate, the wheel, the counts
     "_follow": 8,  # a continuous feed's state machine, the loop's handler; delivers via _delivery
     "_iterate": 8,  # Consumer.changes(): handed its consumer, it needs not import it
+    "_legacy": 8,  # couchdbkit's argument forms, a longpoll on the loop: mixed into the consumer
     "consumer": 9,
     "watcher": 10,
     "__main__": 11,
