@@ -34,20 +34,30 @@ def check_backend(backend: Any) -> None:
         raise ValueError(_INSTEAD % (backend,))
 
 
-def split_cb(since: Any, cb: Optional[Callable[..., Any]]) -> Tuple[Any, Any]:
-    """``(since, cb)`` of a ``fetch``/``wait_once`` call: a callable first argument is couchdbkit
-    0.5's ``cb`` (a seq is never callable), and ``since`` then keeps its default, 0.
+def split_cb(
+    first: Any, cb: Optional[Callable[..., Any]], params: Dict[str, Any]
+) -> Tuple[Any, Any]:
+    """``(since, cb)`` of a ``fetch``/``wait_once`` call, whose first argument is positional-only.
+
+    A callable first argument is couchdbkit 0.5's ``cb`` (a seq is never callable), so that
+    ``wait_once(cb, since=seq)`` works as it did there; otherwise it is ``since``, which may
+    also come as a keyword (in ``params``). ``since`` defaults to 0.
 
     Raises:
-        TypeError: two callbacks, or a ``cb`` that is not callable.
+        TypeError: two callbacks, ``since`` twice, or a ``cb`` that is not callable.
     """
-    if callable(since):
+    since = params.pop("since", None)
+    if callable(first):
         if cb is not None:
-            raise TypeError("two callbacks: %r and cb=%r" % (since, cb))
-        since, cb = 0, since
+            raise TypeError("two callbacks: %r and cb=%r" % (first, cb))
+        cb = first
+    elif first is not None:
+        if since is not None:
+            raise TypeError("since given twice: %r and since=%r" % (first, since))
+        since = first
     if cb is not None and not callable(cb):
         raise TypeError("cb must be callable, not %r" % (cb,))
-    return since, cb
+    return (0 if since is None else since), cb
 
 
 def take_cb(callback: Any, params: Dict[str, Any]) -> Any:

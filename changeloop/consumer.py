@@ -341,12 +341,15 @@ class Consumer(_Follow):
 
     # -- one-shot feeds (blocking) -------------------------------------------------------------
 
-    def fetch(self, since: Any = 0, cb: Optional[Callback] = None, **params: Any) -> Dict[str, Any]:
+    def fetch(
+        self, since: Any = None, /, cb: Optional[Callback] = None, **params: Any
+    ) -> Dict[str, Any]:
         """Return the changes since ``since`` at once (``feed=normal``).
 
         Args:
-            since: the seq to start after (``0``, ``"now"``, or a seq as the server gave it).
-                A callable here is couchdbkit 0.5's ``cb``.
+            since: the seq to start after (``0``, the default, ``"now"``, or a seq as the
+                server gave it), by position or keyword. A callable first argument is
+                couchdbkit 0.5's ``cb`` (``fetch(cb, since=seq)``).
             cb: called with the answer before it is returned (couchdbkit 0.5's form).
             params: filters (``filter_name`` or ``filter``, ``doc_ids``, ``selector``,
                 ``view``) and any ``_changes`` parameter (``include_docs=True``, ``limit``,
@@ -359,14 +362,14 @@ class Consumer(_Follow):
             HTTPError: e.g. ``NotFound`` for a missing database or filter.
             NetworkError, ProtocolError, FeedError: the request failed.
         """
-        since, cb = _legacy.split_cb(since, cb)
+        since, cb = _legacy.split_cb(since, cb, params)
         answer = self._one_shot("normal", since, params)
         if cb is not None:
             cb(answer)
         return answer
 
     def wait_once(
-        self, since: Any = 0, cb: Optional[Callback] = None, **params: Any
+        self, since: Any = None, /, cb: Optional[Callback] = None, **params: Any
     ) -> Dict[str, Any]:
         """Wait for the next changes after ``since`` and return CouchDB's whole answer
         (``feed=longpoll``): ``{"results": [...], "last_seq": ...}``.
@@ -379,7 +382,7 @@ class Consumer(_Follow):
         :meth:`register_callback`), then to ``cb``, before returning it. Arguments and errors
         are those of :meth:`fetch`.
         """
-        since, cb = _legacy.split_cb(since, cb)
+        since, cb = _legacy.split_cb(since, cb, params)
         params.setdefault("heartbeat", DEFAULT_HEARTBEAT_MS)
         answer = self._one_shot("longpoll", since, params)
         callbacks = self._callbacks
@@ -466,8 +469,6 @@ class Consumer(_Follow):
             raise RuntimeError("the consumer is already running")
         if callback is not None and not callable(callback):
             raise TypeError("a callback must be callable")
-        if callback is None and not self._callbacks:
-            raise RuntimeError("register a callback before starting a continuous feed")
         if params.get("feed", "continuous") != "continuous":
             raise ValueError(
                 "a consumer's start() and wait() follow feed=continuous: use fetch() for "
@@ -479,6 +480,8 @@ class Consumer(_Follow):
         if limit is not None:
             params["limit"] = _count("limit", limit)
         changes_request(self.db.path, "continuous", since, params)  # validate now, not later
+        if callback is None and not self._callbacks:  # (after: a misnamed callback says so)
+            raise RuntimeError("register a callback before starting a continuous feed")
         try:
             silence = silence_allowance(params, self.watchdog_heartbeats)
         except (TypeError, ValueError) as exc:
