@@ -10,13 +10,23 @@ background thread (what the gevent hub did for couchdbkit's ``*_async``).
 """
 
 import threading
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
 from ._stream import FeedStream
 
-__all__ = ["check_backend", "split_cb", "take_cb", "OneLongpoll", "serve_in_background"]
+__all__ = [
+    "check_backend",
+    "split_cb",
+    "take_cb",
+    "OneLongpoll",
+    "longpoll_once",
+    "serve_in_background",
+    "stop_background",
+]
 
-#: What each of couchdbkit's other backends did, and what does it here.
+_Once = TypeVar("_Once")
+
+#: What to use instead of couchdbkit's other backends.
 _INSTEAD = (
     "changeloop has no %r backend: one loop serves many feeds from one thread. Use "
     "Consumer.start() on a shared Loop served by Loop.run_in_thread() (or wait_async(), which "
@@ -104,6 +114,34 @@ class OneLongpoll:
         if document.get("last_seq") is not None:
             self._since = document["last_seq"]
         self._finish(None)
+
+
+def longpoll_once(
+    consumer: Any, once_class: Callable[..., _Once], cb: Any, since: Any, params: Dict[str, Any]
+) -> _Once:
+    """``consumer.wait_once_async(cb, since, **params)``: a ``once_class`` (a consumer with
+    :class:`OneLongpoll` mixed in) with the consumer's loop, settings and registered callbacks,
+    started, and served (see :func:`serve_in_background`)."""
+    once = once_class(
+        consumer.db,
+        consumer.loop,
+        on_error=consumer.on_error,
+        callback_errors=consumer.callback_errors,
+        reconnect_base=consumer.reconnect_base,
+        reconnect_cap=consumer.reconnect_cap,
+        watchdog_heartbeats=consumer.watchdog_heartbeats,
+        connect_timeout=consumer.connect_timeout,
+        # the answer is one document, bounded as the blocking client bounds one
+        max_line_bytes=max(consumer.max_line_bytes, consumer.db.server.max_body_bytes or 0),
+        max_retries=consumer.max_retries,
+        max_outage=consumer.max_outage,
+        rng=consumer._rng,
+    )
+    once._callbacks = consumer._callbacks  # type: ignore[attr-defined]
+    once.start(cb, since, **params)  # type: ignore[attr-defined]
+    consumer._followers = [f for f in consumer._followers if f.running] + [once]
+    serve_in_background(consumer)
+    return once
 
 
 def serve_in_background(consumer: Any) -> None:

@@ -596,30 +596,11 @@ class Consumer(_Follow):
         :meth:`wait_once`, on the loop's thread. A network failure before the answer asks again.
 
         Returns:
-            the consumer of that one request, on this one's loop: ``running`` until the answer
-            was handed over, ``stop()`` cancels it, ``error`` tells why it stopped, if it
-            failed; ``last_seq`` is then the answer's. :meth:`close` stops it too.
+            Consumer: the consumer of that one request (on this consumer's loop), ``running``
+            until the answer was handed over; ``stop()`` cancels it, ``error`` tells why it
+            stopped if it failed, ``last_seq`` is then the answer's. :meth:`close` stops it too.
         """
-        once = _LongpollOnce(
-            self.db,
-            self.loop,
-            on_error=self.on_error,
-            callback_errors=self.callback_errors,
-            reconnect_base=self.reconnect_base,
-            reconnect_cap=self.reconnect_cap,
-            watchdog_heartbeats=self.watchdog_heartbeats,
-            connect_timeout=self.connect_timeout,
-            # the answer is one document, bounded as the blocking client bounds one
-            max_line_bytes=max(self.max_line_bytes, self.db.server.max_body_bytes or 0),
-            max_retries=self.max_retries,
-            max_outage=self.max_outage,
-            rng=self._rng,
-        )
-        once._callbacks = self._callbacks
-        once.start(cb, since, **params)
-        self._followers = [f for f in self._followers if f.running] + [once]
-        _legacy.serve_in_background(self)
-        return once
+        return _legacy.longpoll_once(self, _LongpollOnce, cb, since, params)
 
     def changes(self, since: Any = 0, feed: str = "continuous", **params: Any) -> ChangesIterator:
         """Iterate over changes lazily: ``for change in consumer.changes(since=0): ...``.
