@@ -51,9 +51,14 @@ def changes_request(
             parameter (``include_docs``, ``limit``, ``heartbeat`` in ms, ``timeout`` in ms...),
             plus the filter function's own query parameters.
 
+    ``filter`` is a synonym of ``filter_name``; ``filter="_doc_ids"`` (``_selector``, ``_view``)
+    may go with the ``doc_ids`` (``selector``, ``view``) it names. ``heartbeat=True`` asks for
+    CouchDB's default interval, ``heartbeat=False`` for none.
+
     Raises:
         ValueError: an unknown feed, or two filters at once.
-        TypeError: ``doc_ids`` is not a list of strings, or ``selector`` not a dict.
+        TypeError: ``doc_ids`` is not a list of strings, ``selector`` not a dict, or a
+            parameter's value is callable (a callback passed where a parameter goes).
     """
     if feed not in _FEEDS:
         raise ValueError("feed must be one of %s, not %r" % (", ".join(_FEEDS), feed))
@@ -66,7 +71,22 @@ def changes_request(
     if since is not None:
         query["since"] = since
     rest = dict(params)
-    filter_name = rest.pop("filter_name", None) or rest.pop("filter", None)
+    for name, value in rest.items():
+        if callable(value):
+            # couchdbkit 0.5's cb=, a callback passed by the wrong name: a query string would
+            # carry its repr to the server, and the callback would never be called.
+            raise TypeError(
+                "%s=%r is not a _changes parameter: a callable is never sent to the server "
+                "(a callback goes first, or as cb=)" % (name, value)
+            )
+    filter_name = rest.pop("filter_name", None)
+    filter_param = rest.pop("filter", None)  # CouchDB's (and couchdbkit's) own name for it
+    if filter_name is not None and filter_param is not None and filter_name != filter_param:
+        raise ValueError(
+            "filter_name and filter name two filters: %r and %r" % (filter_name, filter_param)
+        )
+    if filter_name is None:
+        filter_name = filter_param
     doc_ids = rest.pop("doc_ids", None)
     selector = rest.pop("selector", None)
     view = rest.pop("view", None)
@@ -80,7 +100,8 @@ def changes_request(
         )
         if value is not None
     ]
-    if len(chosen) > 1 and not (chosen == ["filter_name", "view"] and filter_name == "_view"):
+    # filter=_doc_ids with doc_ids (and _selector, _view) is how CouchDB itself spells them.
+    if len(chosen) > 1 and not (len(chosen) == 2 and filter_name == "_" + chosen[1]):
         raise ValueError("choose one filter, not %s" % " and ".join(chosen))
     body: Optional[Dict[str, Any]] = None
     if doc_ids is not None:
@@ -100,6 +121,11 @@ def changes_request(
     elif filter_name is not None:
         query["filter"] = filter_name
     query.update(rest)
+    heartbeat = query.get("heartbeat")
+    if heartbeat is True:  # couchdbkit's heartbeat=True: CouchDB's own interval, sent as the
+        query["heartbeat"] = COUCHDB_TRUE_HEARTBEAT_MS  # number every server and the watchdog read
+    elif heartbeat is False:  # none: CouchDB answers 400 to heartbeat=false
+        del query["heartbeat"]
     payload = None if body is None else json.dumps(body).encode("utf-8")
     method = "GET" if body is None else "POST"
     return ChangesRequest(method, db_path + "/_changes", query, payload)

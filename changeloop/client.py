@@ -31,7 +31,7 @@ import json
 import logging
 import ssl
 import threading
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 from urllib.parse import quote
 
 from . import _transport
@@ -267,6 +267,14 @@ class Server:
 
     def __getitem__(self, name: str) -> "Database":
         return self.get_db(name)
+
+    def __delitem__(self, name: str) -> None:
+        """``del server[name]`` deletes database ``name``, as in couchdbkit and couchdb-python.
+
+        Raises:
+            NotFound: there is no such database.
+        """
+        self.delete_db(name)
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -540,6 +548,10 @@ class Server:
 class Database:
     """A CouchDB database, reached through its :class:`Server`."""
 
+    #: What :meth:`changes` follows a continuous feed with:
+    #: :class:`~changeloop.consumer.Consumer`, set by that module (which imports this one).
+    consumer_class: Any = None
+
     def __init__(self, server: Server, name: str) -> None:
         if not name:
             raise ValueError("a database name cannot be empty")
@@ -622,6 +634,52 @@ class Database:
                 doc["_id"] = result["id"]
                 doc["_rev"] = result["rev"]
         return results  # type: ignore[no-any-return]
+
+
+    def changes(self, **params: Any) -> Union[Dict[str, Json], Iterator[Dict[str, Json]]]:
+        """couchdb-python's ``Database.changes``: the ``_changes`` feed, by ``feed=``.
+
+        ``feed="continuous"`` returns an iterator of the changes (dicts) that follows the feed
+        for good, reconnecting as a :class:`~changeloop.consumer.Consumer` does and resuming
+        after the last change it returned; heartbeats are never among them, nor is a
+        ``last_seq`` line (the feed has no end, but for ``limit=``). Leave the ``for`` loop, or
+        ``close()`` the iterator, to stop. ``feed="normal"`` (the default) and ``"longpoll"``
+        return CouchDB's answer, ``{"results": [...], "last_seq": ...}``.
+
+        Args:
+            params: ``since`` (0 by default), ``feed``, and the parameters of
+                :meth:`Consumer.fetch <changeloop.consumer.Consumer.fetch>`, with
+                couchdb-python's ``filter="_selector", _selector={...}`` as well.
+
+        Raises:
+            ValueError: an unknown ``feed``, or parameters CouchDB would refuse.
+            HTTPError, NetworkError...: as for the consumer's calls.
+        """
+        feed = params.pop("feed", "normal")
+        since = params.pop("since", 0)
+        if params.get("filter") == "_selector" and "_selector" in params:
+            params["selector"] = params.pop("_selector")
+        consumer = self.consumer_class(self)
+        if feed == "continuous":
+            return _closing(consumer, consumer.changes(since, **params))
+        try:
+            if feed == "longpoll":
+                answer: Dict[str, Json] = consumer.wait_once(since, **params)
+            elif feed == "normal":
+                answer = consumer.fetch(since, **params)
+            else:
+                raise ValueError("feed must be normal, longpoll or continuous, not %r" % (feed,))
+        finally:
+            consumer.close()
+        return answer
+
+
+def _closing(consumer: Any, changes: Iterator[Dict[str, Json]]) -> Iterator[Dict[str, Json]]:
+    """The changes of ``changes``; the consumer closes when they end, fail or are left."""
+    try:
+        yield from changes
+    finally:
+        consumer.close()
 
 
 def _decode_json(data: bytes, method: str, url: str) -> Json:

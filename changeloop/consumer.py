@@ -20,7 +20,7 @@ import logging
 import random
 from typing import Any, Callable, Dict, Optional, Union
 
-from . import _states
+from . import _legacy, _states
 from ._delivery import (
     CHECKPOINT_EVERY_CHANGES,
     CHECKPOINT_EVERY_S,
@@ -170,6 +170,9 @@ class Consumer(_Follow):
         max_outage: give up once this many seconds passed without a healthy connection (one
             that delivered a change or stayed up ``healthy_after``); ``None``: never.
         rng: the random source of the backoff jitter (for tests).
+        backend: couchdbkit's, accepted as ``"sync"`` only (which is what a loop is; also as
+            the second positional argument, where couchdbkit had it): ``"gevent"`` and
+            ``"eventlet"`` raise ``ValueError``, saying what to use instead.
     """
 
     # Slots, not a per-instance dict: CPython 3.11+ stores up to 30 attributes inline in the
@@ -178,6 +181,7 @@ class Consumer(_Follow):
     # user's extra attributes still work (that dict is created only when one is set).
     __slots__ = (
         "_loop",
+        "_loop_thread",
         "_own_loop",
         "_params",
         "_rng",
@@ -206,6 +210,7 @@ class Consumer(_Follow):
         db: Database,
         loop: Optional[Loop] = None,
         *,
+        backend: str = "sync",
         checkpoint: Any = None,
         on_error: Optional[Callable[[FeedEvent], Any]] = None,
         on_connect: Optional[Callable[[FeedEvent], Any]] = None,
@@ -226,6 +231,10 @@ class Consumer(_Follow):
         max_outage: Optional[float] = None,
         rng: Optional[random.Random] = None,
     ) -> None:
+        given: Any = loop
+        if isinstance(given, str):  # Consumer(db, "sync"), as couchdbkit 0.5 took its backend
+            loop, backend = None, given
+        _legacy.check_backend(backend)
         if callback_errors not in ("stop", "skip"):
             raise ValueError("callback_errors must be 'stop' or 'skip'")
         if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
@@ -240,6 +249,7 @@ class Consumer(_Follow):
         self.db = db  #: The database followed.
         self._loop = loop
         self._own_loop = loop is None
+        self._loop_thread: Any = None  # serving the own loop for wait_async() (see _legacy)
         self.checkpoint = checkpoint  #: The checkpoint store, or ``None``.
         self.on_error = on_error  #: Called with a :class:`FeedEvent` on each error.
         self.on_connect = on_connect  #: Called with a :class:`FeedEvent` when a feed opens.
@@ -310,12 +320,14 @@ class Consumer(_Follow):
         return self._state != _states.IDLE and self._state != _states.STOPPED
 
     def close(self) -> None:
-        """Stop the feed and any ``changes()`` iteration, and close the loop if the consumer
-        created it."""
+        """Stop the feed, any ``changes()`` iteration and ``wait_once_async()`` request, and
+        close the loop if the consumer created it (stopping the thread ``wait_async`` ran it in
+        first)."""
         self.stop()
         for follower in self._followers:
             follower.stop()
         self._followers = ()
+        _legacy.stop_background(self)
         if self._own_loop and self._loop is not None and not self._loop.is_running():
             self._loop.close()
             self._loop = None
@@ -329,13 +341,19 @@ class Consumer(_Follow):
 
     # -- one-shot feeds (blocking) -------------------------------------------------------------
 
-    def fetch(self, since: Any = 0, **params: Any) -> Dict[str, Any]:
+    def fetch(
+        self, since: Any = None, /, cb: Optional[Callback] = None, **params: Any
+    ) -> Dict[str, Any]:
         """Return the changes since ``since`` at once (``feed=normal``).
 
         Args:
-            since: the seq to start after (``0``, ``"now"``, or a seq as the server gave it).
-            params: filters (``filter_name``, ``doc_ids``, ``selector``, ``view``) and any
-                ``_changes`` parameter (``include_docs=True``, ``limit``, ``descending``...).
+            since: the seq to start after (``0``, the default, ``"now"``, or a seq as the
+                server gave it), by position or keyword. A callable first argument is
+                couchdbkit 0.5's ``cb`` (``fetch(cb, since=seq)``).
+            cb: called with the answer before it is returned (couchdbkit 0.5's form).
+            params: filters (``filter_name`` or ``filter``, ``doc_ids``, ``selector``,
+                ``view``) and any ``_changes`` parameter (``include_docs=True``, ``limit``,
+                ``descending``, ``heartbeat=True``...); never a callable (``TypeError``).
 
         Returns:
             dict: CouchDB's answer, ``{"results": [...], "last_seq": ..., "pending": ...}``.
@@ -344,19 +362,35 @@ class Consumer(_Follow):
             HTTPError: e.g. ``NotFound`` for a missing database or filter.
             NetworkError, ProtocolError, FeedError: the request failed.
         """
-        return self._one_shot("normal", since, params)
+        since, cb = _legacy.split_cb(since, cb, params)
+        answer = self._one_shot("normal", since, params)
+        if cb is not None:
+            cb(answer)
+        return answer
 
-    def wait_once(self, since: Any = 0, **params: Any) -> Dict[str, Any]:
+    def wait_once(
+        self, since: Any = None, /, cb: Optional[Callback] = None, **params: Any
+    ) -> Dict[str, Any]:
         """Wait for the next changes after ``since`` and return CouchDB's whole answer
         (``feed=longpoll``): ``{"results": [...], "last_seq": ...}``.
 
         Blocks until a change arrives or the server's ``timeout`` (milliseconds, CouchDB's
         parameter) passes. A heartbeat (``heartbeat=`` in ms, 30 s by default) keeps a silent
         wait alive; the read gives up after ``WATCHDOG_HEARTBEATS`` missed heartbeats.
-        Arguments and errors are those of :meth:`fetch`.
+
+        As couchdbkit's did, it hands the whole answer to every registered callback (see
+        :meth:`register_callback`), then to ``cb``, before returning it. Arguments and errors
+        are those of :meth:`fetch`.
         """
+        since, cb = _legacy.split_cb(since, cb, params)
         params.setdefault("heartbeat", DEFAULT_HEARTBEAT_MS)
-        return self._one_shot("longpoll", since, params)
+        answer = self._one_shot("longpoll", since, params)
+        callbacks = self._callbacks
+        if cb is not None and cb not in callbacks:
+            callbacks += (cb,)
+        for callback in callbacks:
+            callback(answer)
+        return answer
 
     def _one_shot(self, feed: str, since: Any, params: Dict[str, Any]) -> Dict[str, Any]:
         request = self._request(feed, since, params)
@@ -387,7 +421,8 @@ class Consumer(_Follow):
         """Add a callback for every continuous feed of this consumer; callbacks run in the
         order they were added. Registering the same callable again adds nothing.
 
-        A callback receives one change (a dict), or with ``batch_size`` a list of changes.
+        A callback receives one change (a dict), or with ``batch_size`` a list of changes;
+        from :meth:`wait_once` (and :meth:`wait_once_async`), the whole answer.
         """
         if not callable(callback):
             raise TypeError("a callback must be callable")
@@ -412,7 +447,7 @@ class Consumer(_Follow):
         Args:
             callback: a callback for this run only, after the registered ones (see
                 :meth:`register_callback`): a second ``start`` or ``wait`` with the same
-                callback does not call it twice.
+                callback does not call it twice. ``cb=`` (couchdbkit 0.5) names it too.
             since: where to start when the checkpoint store has nothing: ``0``, ``"now"``, a seq.
                 ``"now"`` is first turned into the current seq (a ``feed=normal&since=now``
                 request on the loop): a reconnection or a checkpoint that said "now" again
@@ -426,6 +461,7 @@ class Consumer(_Follow):
                 closed.
             ValueError: a ``feed`` parameter, or parameters CouchDB would refuse.
         """
+        callback = _legacy.take_cb(callback, params)
         loop = self.loop
         if self.running and (loop.in_loop_thread() or not loop.is_running()):
             # (From another thread while the loop runs, a stop() posted just before may still
@@ -433,8 +469,6 @@ class Consumer(_Follow):
             raise RuntimeError("the consumer is already running")
         if callback is not None and not callable(callback):
             raise TypeError("a callback must be callable")
-        if callback is None and not self._callbacks:
-            raise RuntimeError("register a callback before starting a continuous feed")
         if params.get("feed", "continuous") != "continuous":
             raise ValueError(
                 "a consumer's start() and wait() follow feed=continuous: use fetch() for "
@@ -446,6 +480,8 @@ class Consumer(_Follow):
         if limit is not None:
             params["limit"] = _count("limit", limit)
         changes_request(self.db.path, "continuous", since, params)  # validate now, not later
+        if callback is None and not self._callbacks:  # (after: a misnamed callback says so)
+            raise RuntimeError("register a callback before starting a continuous feed")
         try:
             silence = silence_allowance(params, self.watchdog_heartbeats)
         except (TypeError, ValueError) as exc:
@@ -532,6 +568,40 @@ class Consumer(_Follow):
         if self.error is not None:
             raise self.error
 
+    def wait_async(
+        self,
+        callback: Optional[Union[Callback, BatchCallback]] = None,
+        since: Any = 0,
+        **params: Any,
+    ) -> "Consumer":
+        """Follow the continuous feed without blocking (couchdbkit 0.5): :meth:`start`, and if
+        the consumer made its own loop and nothing runs it, that loop run in a daemon thread
+        (:meth:`~changeloop.loop.Loop.run_in_thread`), where the callbacks then run. A loop
+        given to the consumer is served by whoever serves it. :meth:`close` stops both.
+
+        Returns:
+            this consumer (``stop()`` ends the feed). Arguments are those of :meth:`start`.
+        """
+        self.start(callback, since, **params)
+        _legacy.serve_in_background(self)
+        return self
+
+    def wait_once_async(
+        self, cb: Optional[Callback] = None, since: Any = 0, **params: Any
+    ) -> "Consumer":
+        """Ask for the next changes (``feed=longpoll``) without blocking (couchdbkit 0.5).
+
+        The request runs on this consumer's loop, served as for :meth:`wait_async`; the
+        registered callbacks and then ``cb`` receive the whole answer, as from
+        :meth:`wait_once`, on the loop's thread. A network failure before the answer asks again.
+
+        Returns:
+            Consumer: the consumer of that one request (on this consumer's loop), ``running``
+            until the answer was handed over; ``stop()`` cancels it, ``error`` tells why it
+            stopped if it failed, ``last_seq`` is then the answer's. :meth:`close` stops it too.
+        """
+        return _legacy.longpoll_once(self, _LongpollOnce, cb, since, params)
+
     def changes(self, since: Any = 0, feed: str = "continuous", **params: Any) -> ChangesIterator:
         """Iterate over changes lazily: ``for change in consumer.changes(since=0): ...``.
 
@@ -612,15 +682,17 @@ class Consumer(_Follow):
         return changes_request(self.db.path, feed, since, params)._replace(path=self._feed_path())
 
     def _open_stream(self, resolving: bool) -> FeedStream:
+        if resolving:
+            return self._stream_for(self._request("normal", "now", {}), True)
+        params = self._params
+        if self._limit is not None:  # what is left of it: the limit spans reconnections
+            params = dict(params, limit=max(0, self._limit - self.delivered))
+        return self._stream_for(self._request("continuous", self._since, params), False)
+
+    def _stream_for(self, request: ChangesRequest, document: bool) -> FeedStream:
+        """A stream for ``request``: a feed, or with ``document`` a one-shot answer."""
         server = self.db.server
         endpoint = server._endpoint
-        if resolving:
-            request = self._request("normal", "now", {})
-        else:
-            params = self._params
-            if self._limit is not None:  # what is left of it: the limit spans reconnections
-                params = dict(params, limit=max(0, self._limit - self.delivered))
-            request = self._request("continuous", self._since, params)
         self._sent_cookie = None  # until the request is built: a refused login sends none
         # Credentials stay hidden in the prepared request until wire() writes them into the
         # stream's bytes: no frame's locals hold them should anything here raise.
@@ -637,7 +709,7 @@ class Consumer(_Follow):
             max_line_bytes=self.max_line_bytes,
             method=request.method,
             min_rows=self.batch_size or 1,
-            document=resolving,
+            document=document,
         )
 
     def _connected(self) -> None:
@@ -660,6 +732,17 @@ class Consumer(_Follow):
 
     def _event(self, kind: str, **fields: Any) -> FeedEvent:
         return FeedEvent(self, kind, **fields)
+
+
+class _LongpollOnce(_legacy.OneLongpoll, Consumer):
+    """The consumer of one :meth:`Consumer.wait_once_async` request."""
+
+    __slots__ = ()
+
+
+#: ``Database.changes(feed="continuous")`` follows with a consumer: the client sits below this
+#: module, so it is handed the class rather than importing it.
+Database.consumer_class = Consumer
 
 
 def _count(name: str, value: Any) -> int:

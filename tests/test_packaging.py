@@ -62,6 +62,7 @@ LAYERS: Dict[str, int] = {
     "_states": 0,  # the feed's states and transitions, as a table (no imports)
     "_follow": 8,  # a continuous feed's state machine, the loop's handler; delivers via _delivery
     "_iterate": 8,  # Consumer.changes(): handed its consumer, it needs not import it
+    "_legacy": 8,  # couchdbkit's argument forms, a longpoll on the loop: mixed into the consumer
     "consumer": 9,
     "watcher": 10,
     "__main__": 11,
