@@ -16,158 +16,32 @@ a legacy ``while`` loop; :meth:`Loop.run_in_thread` is a background thread fed t
 :meth:`Loop.next_timeout` seconds, then calls ``run_once(0)``. The two hand-driven tiers ask
 :meth:`Loop.has_work` whether anything is left (what makes :meth:`Loop.run` return), so a host
 whose last feed stopped does not wait for ever. The loop knows nothing of HTTP.
+
+Where the parts live: this module is the loop's public face; :mod:`changeloop._dispatch` is the
+pass itself (the dispatch, the timer heap, the ready queue) and :mod:`changeloop._handles` the
+objects the loop holds (the handler protocol, the handles, the wake-up handler).
 """
 
 import collections
 import heapq
 import itertools
-import logging
 import selectors
 import socket
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Set, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+
+from ._dispatch import Dispatcher
+from ._handles import FileLike, Handle, Handler, TimerHandle, _Waker
 
 __all__ = ["Handler", "Handle", "TimerHandle", "Loop"]
-
-logger = logging.getLogger(__name__)
-
-_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-
-# Bytes per recv() when draining the wake-up socket; any size works, the drain loops until empty.
-WAKEUP_READ_BYTES = 4096
-
-
-class _HasFileno(Protocol):
-    def fileno(self) -> int: ...
-
-
-FileLike = Union[int, _HasFileno]
-
-
-class Handler(Protocol):
-    """What the loop calls when a registered file object is ready. Subclassing is optional."""
-
-    def handle_read(self) -> None:
-        """The file object is readable (or at EOF, or has an error pending)."""
-
-    def handle_write(self) -> None:
-        """The file object is writable."""
-
-    def handle_error(self, exc: BaseException) -> None:
-        """``handle_read`` or ``handle_write`` raised ``exc``: close or remove yourself here.
-
-        If this returns, the handler stays registered; if it raises, the loop logs that and
-        removes the handler.
-        """
-
-
-def _dropped_by_close(*args: object) -> None:
-    """What a handle of a closed loop calls instead of its callback: nothing."""
-
-
-class Handle:
-    """A callback queued by :meth:`Loop.call_soon` or :meth:`Loop.call_soon_threadsafe`."""
-
-    __slots__ = ("_fn", "_args", "_cancelled")
-
-    def __init__(self, fn: Callable[..., object], args: Tuple[Any, ...]) -> None:
-        self._fn = fn
-        self._args = args
-        self._cancelled = False
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether :meth:`cancel` was called."""
-        return self._cancelled
-
-    def cancel(self) -> None:
-        """Keep the callback from running if it has not run yet. Idempotent; not thread-safe."""
-        self._cancelled = True
-        self._args = ()  # see TimerHandle.cancel
-
-    def _drop(self) -> None:
-        # Its loop closed: cancelled, and holding neither the callback nor its arguments.
-        self._cancelled = True
-        self._fn = _dropped_by_close
-        self._args = ()
-
-    def _run(self) -> None:
-        try:
-            self._fn(*self._args)
-        except Exception:
-            logger.exception("callback %r raised", self)
-
-    def __repr__(self) -> str:
-        name = getattr(self._fn, "__qualname__", None) or repr(self._fn)
-        return "<%s %s%s>" % (type(self).__name__, name, self._state())
-
-    def _state(self) -> str:
-        return " cancelled" if self._cancelled else ""
-
-
-class TimerHandle(Handle):
-    """A callback scheduled by :meth:`Loop.call_later` or :meth:`Loop.call_at`."""
-
-    __slots__ = ("_when", "_loop", "_in_heap")
-
-    def __init__(
-        self, when: float, fn: Callable[..., object], args: Tuple[Any, ...], loop: "Loop"
-    ) -> None:
-        super().__init__(fn, args)
-        self._when = when
-        self._loop = loop
-        self._in_heap = True
-
-    @property
-    def when(self) -> float:
-        """The deadline, on the loop's clock (see :meth:`Loop.time`)."""
-        return self._when
-
-    def cancel(self) -> None:
-        """Keep the timer from firing if it has not fired yet. Idempotent; not thread-safe."""
-        if not self._cancelled:
-            self._cancelled = True
-            # A cancelled timer stays in the heap until it comes due or the heap is rebuilt
-            # (lazy cancellation), up to connect_timeout later: let go of its arguments now,
-            # or a consumer's cancelled connect timer keeps a whole closed FeedStream alive.
-            self._args = ()
-            if self._in_heap:
-                self._loop._timer_cancelled()
-
-    def _drop(self) -> None:
-        super()._drop()
-        self._in_heap = False  # the closed loop's heap is gone: a cancel() has nothing to tell
-
-    def _state(self) -> str:
-        return " when=%.3f%s" % (self._when, super()._state())
-
-
-class _Waker:
-    """The read end of the wake-up socketpair, served like any other handler."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-
-    def handle_read(self) -> None:
-        try:  # drain it all: many wake-ups may have been written since the last pass
-            while self._sock.recv(WAKEUP_READ_BYTES):
-                pass
-        except BlockingIOError:
-            pass
-
-    def handle_write(self) -> None:
-        pass
-
-    def handle_error(self, exc: BaseException) -> None:
-        logger.error("wake-up socket failed: %r", exc)
 
 
 def _events(read: bool, write: bool) -> int:
     return (selectors.EVENT_READ if read else 0) | (selectors.EVENT_WRITE if write else 0)
 
 
-class Loop:
+class Loop(Dispatcher):
     """One thread's event loop: I/O handlers, timers, callbacks, and a thread-safe wake-up.
 
     Args:
@@ -626,126 +500,3 @@ class Loop:
         except OSError:
             if not self._closed:
                 raise  # else closed meanwhile: nobody is left to wake
-
-    def _has_work(self) -> bool:
-        # Asked before every pass of run(): the cheap tests first, as a loop of feeds nearly
-        # always has a live timer; counting handlers costs three calls into selectors.
-        if self._ready or len(self._timers) > self._cancelled_timers:
-            return True
-        # More than the wake-up socket, or a handler parked without interest: its owner means
-        # to come back to it (a paused feed, resumed from another thread), so it is work too.
-        return len(self._selector.get_map()) > 1 or bool(self._parked)
-
-    def _key(self, fileobj: FileLike) -> Optional[selectors.SelectorKey]:
-        try:
-            return self._selector.get_key(fileobj)
-        except (KeyError, ValueError):
-            return None
-
-    def _handler_of(self, fileobj: FileLike) -> Optional[Handler]:
-        key = self._key(fileobj)
-        handler: Optional[Handler] = self._parked.get(fileobj) if key is None else key.data
-        return handler
-
-    def _still_wants(self, key: selectors.SelectorKey, event: int) -> bool:
-        # An earlier handler of this batch changed this file object's registration (removed it,
-        # replaced its handler or its interest): ask the selector's map what holds now.
-        current = self._selector.get_map().get(key.fd)
-        return current is not None and current.data is key.data and bool(current.events & event)
-
-    def _handler_failed(self, key: selectors.SelectorKey, exc: Exception) -> None:
-        handler: Handler = key.data
-        try:
-            handler.handle_error(exc)
-        except Exception:
-            logger.exception("%r raised in handle_error; removing it", handler)
-            if self._handler_of(key.fileobj) is handler:
-                self.remove_handler(key.fileobj)
-
-    def _timer_cancelled(self) -> None:
-        self._cancelled_timers += 1
-        # Cancellation is lazy (a flag), so cancel() is O(1) and never searches the heap. But a
-        # watchdog re-armed on every row would leave a trail of dead entries: rebuild the heap
-        # once they are over half of it, keeping it O(live timers) at amortised O(1) per cancel.
-        if self._cancelled_timers * 2 > len(self._timers):
-            self._timers[:] = [entry for entry in self._timers if not entry[2]._cancelled]
-            heapq.heapify(self._timers)
-            self._cancelled_timers = 0
-
-    def _select_timeout(self, timeout: Optional[float]) -> Optional[float]:
-        if self._ready:
-            return 0.0
-        timers = self._timers
-        while timers and timers[0][2]._cancelled:  # lazy cancellation: drop dead heads here
-            heapq.heappop(timers)
-            self._cancelled_timers -= 1
-        if not timers:
-            return timeout
-        wait = timers[0][0] - self.time()
-        if wait <= 0.0:
-            return 0.0
-        return wait if timeout is None or wait < timeout else timeout
-
-    def _pass(self, timeout: Optional[float]) -> None:
-        # Every pass runs this, and on a loop of many idle feeds nearly every pass is one
-        # readiness event (a heartbeat): the dispatch is written out here, not in helpers.
-        ready_count = len(self._ready)  # only callbacks queued before this pass run in it
-        timers = self._timers
-        if ready_count or not timers or timers[0][2]._cancelled:
-            timeout = self._select_timeout(timeout)
-        else:  # the usual case, written out: wait until the live timer at the head is due
-            wait = timers[0][0] - self.time()
-            if wait <= 0.0:
-                timeout = 0.0
-            elif timeout is None or wait < timeout:
-                timeout = wait
-        touched = self._touched  # file objects (re)registered since this batch was selected
-        if touched:
-            touched.clear()
-        for key, mask in self._selector.select(timeout):
-            # mask is already what the key asked for; only a key that an earlier handler of
-            # this batch touched may be stale (removed, re-registered, interest changed).
-            try:
-                if mask & _READ and (
-                    not touched or key.fd not in touched or self._still_wants(key, _READ)
-                ):
-                    key.data.handle_read()
-                if mask & _WRITE and (
-                    not touched or key.fd not in touched or self._still_wants(key, _WRITE)
-                ):
-                    key.data.handle_write()
-            except Exception as exc:
-                self._handler_failed(key, exc)
-        if timers and timers[0][0] <= self.time():
-            self._run_due_timers()
-        if ready_count:
-            self._run_ready(ready_count)
-
-    def _run_due_timers(self) -> None:
-        # Pop every due timer before running any (as pika does): all see the same "now", and a
-        # timer that schedules another due one (call_later(0)) cannot stretch this pass forever.
-        now = self.time()
-        timers = self._timers
-        due: List[TimerHandle] = []
-        while timers and timers[0][0] <= now:
-            handle = heapq.heappop(timers)[2]
-            if handle._cancelled:
-                self._cancelled_timers -= 1
-            else:
-                handle._in_heap = False
-                due.append(handle)
-        for index, handle in enumerate(due):
-            if handle._cancelled:
-                continue  # cancelled by an earlier timer of this batch
-            try:
-                handle._run()
-            except BaseException:  # KeyboardInterrupt: keep the rest for the next pass
-                self._ready.extendleft(reversed(due[index + 1 :]))
-                raise
-
-    def _run_ready(self, count: int) -> None:
-        ready = self._ready
-        for _ in range(count):
-            handle = ready.popleft()
-            if not handle._cancelled:
-                handle._run()
