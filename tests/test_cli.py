@@ -271,7 +271,7 @@ def test_usage_errors(start: Start, args: List[str], message: str) -> None:
 
 
 def test_param_values_are_typed() -> None:
-    from changeloop.__main__ import build_parser, check_args, feed_params
+    from changeloop._cli_args import build_parser, check_args, feed_params
 
     pairs = ["limit=2", "kind=x", "flag=true", "ids=[1,2]", 'n="5"', "seq_interval=10"]
     argv = ["--filter", "app/f"] + [a for pair in pairs for a in ("--param", pair)]

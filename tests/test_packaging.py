@@ -67,8 +67,9 @@ LAYERS: Dict[str, int] = {
     "_legacy": 8,  # couchdbkit's argument forms, a longpoll on the loop: mixed into the consumer
     "consumer": 9,
     "watcher": 10,
-    "__main__": 11,
-    "__init__": 12,  # the public names; may import anything
+    "_cli_args": 11,  # the command's options: the parser, its usage rules, --param's typing
+    "__main__": 12,
+    "__init__": 13,  # the public names; may import anything
 }
 
 # (importer, imported) pairs of one layer that may depend on each other. Keep it empty unless
