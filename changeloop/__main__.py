@@ -8,25 +8,28 @@ lifecycle callbacks turn reconnections and errors into one stderr line each and 
 code; the library's own log, which would say the same things, is muted unless ``-v`` asks for it.
 SIGINT and SIGTERM only ask the loop to stop (stopping saves the checkpoints); outside the loop
 they interrupt, but never a checkpoint's save, and a second one waits for the stop the first one
-asked for (see ``Command.signals_deferred``). SIGUSR1 (and ``--stats-every``) prints the
+asked for (see ``SignalHandling.signals_deferred``). SIGUSR1 (and ``--stats-every``) prints the
 library's statistics to stderr as one JSON line.
 
 A closed stdout (``| head -1``) is noticed by the next write (``BrokenPipeError``), or on a quiet
 feed by a check of the descriptor every :data:`STDOUT_CHECK_EVERY_S` (a ``poll()`` for an error
 on a pipe): either way the command stops cleanly. The checkpoint records what was *written* to
 stdout, not what the reader consumed: lines left unread in a pipe count as delivered.
+
+Where the parts live: this module is the command's flow (:func:`main`, and ``Command``: the
+databases, their consumers, the lifecycle callbacks, the exit code); :mod:`changeloop._cli_args`
+holds the options and their checks, :mod:`changeloop._cli_output` what the command writes (the
+``Output`` half of ``Command``), :mod:`changeloop._cli_signals` what a signal does (its
+``SignalHandling`` half).
 """
 
 import argparse
-import contextlib
 import functools
 import json
 import logging
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Set, Tuple
 from urllib.parse import quote
@@ -49,6 +52,7 @@ from ._cli_output import (
     logging_to_stderr,
     quiet_stdout,
 )
+from ._cli_signals import SignalHandling, signals_to
 from .checkpoint import FileCheckpoint
 from .client import Database, Server
 from .consumer import Consumer, FeedEvent
@@ -138,7 +142,7 @@ def exit_code(error: BaseException) -> int:
     return EXIT_GAVE_UP if network else EXIT_FATAL
 
 
-class Command(Output):
+class Command(Output, SignalHandling):
     """One run: the databases, their consumers, the output, and what ended it."""
 
     def __init__(self, args: argparse.Namespace, handler: StderrHandler) -> None:
@@ -191,31 +195,6 @@ class Command(Output):
             self.loop.close()
             for server in self.servers.values():
                 server.close()
-
-    @contextlib.contextmanager
-    def signals_deferred(self) -> Iterator[None]:
-        """Hold back the ``KeyboardInterrupt`` of a signal until the block is done.
-
-        Checkpoints are saved inside such blocks (each save, and every stop as a whole): a
-        second signal (a double Ctrl-C, ``timeout -s TERM`` signalling the process group) used
-        to interrupt the stop's write and leave no checkpoint. The signal is noted, and raised
-        as soon as the outermost block ends normally, unless a stop is asked for or done: the
-        stop then runs to its end and the exit code says 130 (see :meth:`on_signal`).
-
-        Why a flag and not ``signal.pthread_sigmask``: a mask holds the signal back only in the
-        thread that sets it, and a signal the kernel gives to another thread (a resolver's)
-        still runs the Python handler in the main thread. The flag works on any platform, and
-        the interrupted system calls (write, fsync, flock) are retried by Python (PEP 475) when
-        the handler returns.
-        """
-        self.deferring += 1
-        try:
-            yield
-        finally:
-            self.deferring -= 1
-        if not self.deferring and self.interrupted and not (self.stop_asked or self.stopped):
-            self.interrupted = False
-            raise KeyboardInterrupt  # a one-shot run: its save is done, the rest is not
 
     def store(self, db: Database) -> Optional[FileCheckpoint]:
         if self.args.checkpoint is None:
@@ -287,12 +266,6 @@ class Command(Output):
             self.exit_code = EXIT_FATAL  # a save on stop failed: the library only logged it
             LOG.error("%s", RecordingCheckpoint.failures[-1])
         return self.exit_code
-
-    def on_stats_signal(self, signum: int, frame: Any) -> None:
-        """SIGUSR1: print the statistics in the loop's next pass (never inside the handler,
-        which may have interrupted a write to stderr); ignored when not following."""
-        if self.following and not self.stopped:
-            self.loop.call_soon_threadsafe(self.print_stats)
 
     def pending(self) -> Optional[Dict[int, int]]:
         """How many changes wait for each consumer (by ``id``), if the servers say (for the
@@ -379,24 +352,6 @@ class Command(Output):
             LOG.error("%s", message)
         self.stop()
 
-    def on_signal(self, signum: int, frame: Any) -> None:
-        """SIGINT, SIGTERM: the first one while following asks for a clean stop (in the loop's
-        next pass); one that comes once a stop is asked for or done never interrupts anything:
-        it makes the exit code 130, and the stop goes on until every checkpoint is saved.
-        Before following (set-up, a one-shot request) a signal interrupts at once, but never a
-        checkpoint's save (see :meth:`signals_deferred`)."""
-        if self.following and not self.stop_asked:
-            self.stop_asked = True  # and no logging: the signal may have come inside a log call
-            self.loop.call_soon_threadsafe(self.stop)
-            return
-        if self.deferring or self.stop_asked or self.stopped:
-            # Raising now could cut a change short between its line and its count (so the
-            # checkpoint would lag behind stdout), a save, or a __del__ (which would print
-            # "Exception ignored"): noted, and raised only where a deferred block ends.
-            self.interrupted = True
-            return
-        raise KeyboardInterrupt  # set-up, a one-shot request
-
     # -- the consumers' lifecycle callbacks ------------------------------------------------
 
     def on_error(self, event: FeedEvent) -> None:
@@ -442,30 +397,6 @@ class Command(Output):
         LOG.info("%s: caught up at %s", event.consumer.db.name, json.dumps(event.seq))
         if self.progress is not None:
             self.progress.caught_up(event.consumer)
-
-
-@contextlib.contextmanager
-def signals_to(command: Command) -> Iterator[None]:
-    """SIGINT and SIGTERM go to ``command.on_signal``, SIGUSR1 (where there is one) to
-    ``command.on_stats_signal`` (from the main thread only: Python's rule)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    handlers: Dict[int, Callable[[int, Any], None]] = {
-        signal.SIGINT: command.on_signal,
-        signal.SIGTERM: command.on_signal,
-    }
-    usr1 = getattr(signal, "SIGUSR1", None)  # not on Windows
-    if usr1 is not None:
-        handlers[usr1] = command.on_stats_signal
-    previous = {sig: signal.getsignal(sig) for sig in handlers}
-    for sig, ours in handlers.items():
-        signal.signal(sig, ours)
-    try:
-        yield
-    finally:
-        for sig, theirs in previous.items():
-            signal.signal(sig, theirs)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

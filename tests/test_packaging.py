@@ -69,6 +69,7 @@ LAYERS: Dict[str, int] = {
     "watcher": 10,
     "_cli_args": 11,  # the command's options: the parser, its usage rules, --param's typing
     "_cli_output": 11,  # what the command writes: change lines, progress, stats, its log
+    "_cli_signals": 11,  # what a signal does to the command, and what it must not interrupt
     "__main__": 12,
     "__init__": 13,  # the public names; may import anything
 }
