@@ -9,14 +9,15 @@ real tinyproxy.
 """
 
 import base64
+import os
 from typing import Iterator, List, Optional, Tuple
 
 import pytest
 
-from changeloop import ConnectError, HTTPError, ProtocolError, Server, Unauthorized
+from changeloop import ConnectError, HTTPError, ProtocolError, Server, Unauthorized, _proxy
 from changeloop._events import NEED_DATA, EndOfMessage, Response
-from changeloop._follow import is_fatal
 from changeloop._http import ResponseParser
+from changeloop._policy import is_fatal
 from changeloop._proxy import Proxy, Tunnel, bypasses, choose_proxy, refused_by_proxy
 from changeloop._request import PreparedRequest
 
@@ -360,3 +361,24 @@ def test_which_forwarded_answers_are_the_proxy_refusing_its_login(
     status: int, body: bytes, refused: bool
 ) -> None:
     assert refused_by_proxy(status, body) is refused
+
+
+def test_the_environment_is_read_as_urllib_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Our own reading (urllib.request costs 3.4 MiB to import) must agree with urllib's.
+    import urllib.request
+
+    cases = [
+        {"HTTP_PROXY": "http://up:1", "https_proxy": "http://low:2", "NO_PROXY": "a,b"},
+        {"HTTP_PROXY": "http://up:1", "http_proxy": "http://low:2"},
+        {"HTTP_PROXY": "http://up:1", "http_proxy": ""},
+        {"HTTP_PROXY": "http://up:1", "REQUEST_METHOD": "GET", "ALL_PROXY": "http://all:3"},
+        {"http_proxy": "http://low:2", "REQUEST_METHOD": "GET"},
+        {"Http_Proxy": "http://mixed:4"},
+    ]
+    for case in cases:
+        for name in list(os.environ):
+            if name.lower().endswith("_proxy") or name == "REQUEST_METHOD":
+                monkeypatch.delenv(name)
+        for name, value in case.items():
+            monkeypatch.setenv(name, value)
+        assert _proxy.proxies_from_environment() == urllib.request.getproxies_environment()
