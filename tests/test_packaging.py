@@ -65,13 +65,15 @@ LAYERS: Dict[str, int] = {
     "_follow": 8,  # a continuous feed's state machine, the loop's handler; delivers via _delivery
     "_iterate": 8,  # Consumer.changes(): handed its consumer, it needs not import it
     "_legacy": 8,  # couchdbkit's argument forms, a longpoll on the loop: mixed into the consumer
-    "consumer": 9,
-    "watcher": 10,
-    "_cli_args": 11,  # the command's options: the parser, its usage rules, --param's typing
-    "_cli_output": 11,  # what the command writes: change lines, progress, stats, its log
-    "_cli_signals": 11,  # what a signal does to the command, and what it must not interrupt
-    "__main__": 12,
-    "__init__": 13,  # the public names; may import anything
+    # the consumer's requests and the start of a run: a base class of the consumer
+    "_requests": 9,
+    "consumer": 10,
+    "watcher": 11,
+    "_cli_args": 12,  # the command's options: the parser, its usage rules, --param's typing
+    "_cli_output": 12,  # what the command writes: change lines, progress, stats, its log
+    "_cli_signals": 12,  # what a signal does to the command, and what it must not interrupt
+    "__main__": 13,
+    "__init__": 14,  # the public names; may import anything
 }
 
 # (importer, imported) pairs of one layer that may depend on each other. Keep it empty unless
