@@ -55,23 +55,27 @@ LAYERS: Dict[str, int] = {
     "_dispatch": 4,  # the loop's pass: dispatch, the timer heap, the ready queue
     "loop": 5,
     "_policy": 5,  # the feed's timings and failure rules: numbers with their reasons
-    "client": 6,
-    "_wheel": 6,  # deadlines for many objects on one loop timer (the consumers' watchdogs)
-    "_resolve": 6,  # name resolution off the loop: worker threads answering through the loop
-    "checkpoint": 7,
-    "_delivery": 7,  # rows to callbacks: the one place user code runs
-    "_perloop": 7,  # what one loop's consumers share: the connect gate, the wheel, the counts
+    # the blocking client's exchanges: its connection pool, the session login; a base of Server
+    "_pool": 6,
+    "client": 7,
+    "_wheel": 7,  # deadlines for many objects on one loop timer (the consumers' watchdogs)
+    "_resolve": 7,  # name resolution off the loop: worker threads answering through the loop
+    "checkpoint": 8,
+    "_delivery": 8,  # rows to callbacks: the one place user code runs
+    "_perloop": 8,  # what one loop's consumers share: the connect gate, the wheel, the counts
     "_states": 0,  # the feed's states and transitions, as a table (no imports)
-    "_follow": 8,  # a continuous feed's state machine, the loop's handler; delivers via _delivery
-    "_iterate": 8,  # Consumer.changes(): handed its consumer, it needs not import it
-    "_legacy": 8,  # couchdbkit's argument forms, a longpoll on the loop: mixed into the consumer
-    "consumer": 9,
-    "watcher": 10,
-    "_cli_args": 11,  # the command's options: the parser, its usage rules, --param's typing
-    "_cli_output": 11,  # what the command writes: change lines, progress, stats, its log
-    "_cli_signals": 11,  # what a signal does to the command, and what it must not interrupt
-    "__main__": 12,
-    "__init__": 13,  # the public names; may import anything
+    "_follow": 9,  # a continuous feed's state machine, the loop's handler; delivers via _delivery
+    "_iterate": 9,  # Consumer.changes(): handed its consumer, it needs not import it
+    "_legacy": 9,  # couchdbkit's argument forms, a longpoll on the loop: mixed into the consumer
+    # the consumer's requests and the start of a run: a base class of the consumer
+    "_requests": 10,
+    "consumer": 11,
+    "watcher": 12,
+    "_cli_args": 13,  # the command's options: the parser, its usage rules, --param's typing
+    "_cli_output": 13,  # what the command writes: change lines, progress, stats, its log
+    "_cli_signals": 13,  # what a signal does to the command, and what it must not interrupt
+    "__main__": 14,
+    "__init__": 15,  # the public names; may import anything
 }
 
 # (importer, imported) pairs of one layer that may depend on each other. Keep it empty unless
