@@ -74,7 +74,6 @@ class LineDecoder:
     __slots__ = (
         "_scan",
         "_tail",
-        "_tail_bytes",
         "heartbeats",
         "last_seq",
         "max_line_bytes",
@@ -86,14 +85,12 @@ class LineDecoder:
             raise ValueError("max_line_bytes must be positive")
         self.max_line_bytes = max_line_bytes
         self._scan: Optional[_ScanOnce] = _SHARED_SCANNER if fast else None
-        # An incomplete last line, waiting for its newline, as the pieces it arrived in: they
-        # are joined once, when the newline comes. Re-joining them on every receive would copy
-        # the partial line again each time, quadratic in its length (an 8 MiB row dripped in
-        # 1 KiB receives cost 1.26 s where 48 KiB receives cost 0.05 s). Never holds b"".
-        # The pieces of an incomplete last line, or None: an idle feed's decoder holds no list
-        # (56 bytes a feed, measured by benchmarks/bench_scale.py).
-        self._tail: Optional[List[bytes]] = None
-        self._tail_bytes = 0
+        # An incomplete last line, waiting for its newline, in a bytearray that grows in place
+        # (amortised O(1) a piece): re-joining it on every receive copied the partial line
+        # again each time, quadratic in its length (an 8 MiB row dripped in 1 KiB receives cost
+        # 1.26 s where 48 KiB receives cost 0.05 s). None while no line is partial: an idle
+        # feed's decoder holds no buffer (benchmarks/bench_scale.py counts bytes a feed).
+        self._tail: Optional[bytearray] = None
         #: Heartbeat (empty) lines seen so far.
         self.heartbeats = 0
         #: Rows decoded so far (not counting heartbeats and the last_seq line).
@@ -105,14 +102,14 @@ class LineDecoder:
         return "<LineDecoder rows=%d heartbeats=%d buffered=%d ended=%s>" % (
             self.rows,
             self.heartbeats,
-            self._tail_bytes,
+            self.buffered,
             self.last_seq is not None,
         )
 
     @property
     def buffered(self) -> int:
         """Bytes of an incomplete line held until its newline arrives."""
-        return self._tail_bytes
+        return 0 if self._tail is None else len(self._tail)
 
     def feed(self, data: bytes) -> List[Row]:
         """Decode the complete lines in ``data`` (plus what was held back) and return the rows.
@@ -148,10 +145,9 @@ class LineDecoder:
         start = 0
         if self._tail:
             first = data.find(b"\n")
-            self._tail.append(data[: first + 1])
-            line = b"".join(self._tail)
+            self._tail += data[: first + 1]
+            line = bytes(self._tail)
             self._tail = None
-            self._tail_bytes = 0
             self._decode(line, rows)
             start = first + 1
         if start <= last:
@@ -165,24 +161,22 @@ class LineDecoder:
         Raises:
             FeedError: the body ended in the middle of a line.
         """
-        if self._tail and b"".join(self._tail).strip():
-            raise FeedError("the feed ended in the middle of a line (%d bytes)" % self._tail_bytes)
+        if self._tail and self._tail.strip():
+            raise FeedError("the feed ended in the middle of a line (%d bytes)" % len(self._tail))
         self._tail = None
-        self._tail_bytes = 0
 
     def _hold(self, piece: bytes) -> None:
         """Add ``piece`` (not empty, no newline) to the partial line, within the limit."""
-        held = self._tail_bytes + len(piece)
+        held = len(piece) if self._tail is None else len(self._tail) + len(piece)
         if held > self.max_line_bytes:
             raise LineTooLongError(
                 "a feed line exceeded %d bytes without a newline (max_line_bytes)"
                 % self.max_line_bytes
             )
         if self._tail is None:
-            self._tail = [piece]
+            self._tail = bytearray(piece)
         else:
-            self._tail.append(piece)
-        self._tail_bytes = held
+            self._tail += piece  # amortised O(1): a long line in small receives stays linear
 
     def _decode(self, chunk: bytes, rows: List[Row]) -> None:
         """Decode complete lines (``chunk`` ends with a newline) and append their rows."""

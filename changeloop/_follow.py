@@ -19,6 +19,7 @@ from ._perloop import Watchdogs, counts_of, gate_of, no_wheel, watchdogs_of
 from ._policy import (
     MAX_CONNECTING_PER_LOOP,
     QUICK_END_S,
+    RETRY_FOREVER,
     backoff_delay,
     gave_up,
     is_fatal,
@@ -72,6 +73,7 @@ class _Follow(_Delivery):
         "_caught_up",
         "_connected_at",
         "_fd",
+        "_give_up",
         "_healthy_at",
         "_last_activity",
         "_last_error",
@@ -90,8 +92,6 @@ class _Follow(_Delivery):
     connect_timeout: float
     first_byte_timeout: Optional[float]
     healthy_after: float
-    max_outage: Optional[float]
-    max_retries: Optional[int]
     reconnect_base: float
     reconnect_cap: float
     _rng: random.Random
@@ -111,6 +111,9 @@ class _Follow(_Delivery):
         self._connected_at: Optional[float] = None  # when the feed's 200 head arrived
         self._attempt = 0  # failed attempts since the last healthy connection
         self._healthy_at = 0.0  # when the last healthy connection was (or the run started)
+        #: (max_retries, max_outage): the give-up policy (the consumer's properties of those
+        #: names), the two in one slot; (None, None) retries for ever.
+        self._give_up: Tuple[Optional[int], Optional[float]] = RETRY_FOREVER
         self._last_error: Optional[Tuple[BaseException, float]] = None  # and when (wall clock)
         self._pending: Optional[int] = None  # the server's last pending count
         self._paused = False  # pause(): the socket is not read and the watchdog rests
@@ -510,7 +513,8 @@ class _Follow(_Delivery):
     def _gives_up(self, exc: BaseException, now: float) -> Optional[GaveUpError]:
         """The error to stop with if the give-up policy says so after failure ``exc``."""
         outage = now - self._healthy_at
-        return gave_up(exc, self._attempt + 1, outage, self.max_retries, self.max_outage)
+        max_retries, max_outage = self._give_up
+        return gave_up(exc, self._attempt + 1, outage, max_retries, max_outage)
 
     def _renews_session(self, exc: BaseException) -> bool:
         return False  # the consumer knows about sessions

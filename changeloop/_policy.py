@@ -6,7 +6,7 @@ the defaults are the product (tests never tune them away).
 """
 
 import random
-from typing import FrozenSet, Optional
+from typing import FrozenSet, Optional, Tuple
 
 from .errors import (
     CallbackError,
@@ -75,6 +75,11 @@ def is_fatal(exc: BaseException) -> bool:
     if isinstance(exc, (TLSError, LineTooLongError, CallbackError)):
         return True
     return not isinstance(exc, ChangeloopError)  # a bug of ours, not the network's: don't spin
+
+
+#: The give-up policy ``(max_retries, max_outage)`` of a consumer that retries for ever: one
+#: tuple shared by every such consumer.
+RETRY_FOREVER: Tuple[Optional[int], Optional[float]] = (None, None)
 
 
 def backoff_delay(rng: random.Random, base: float, cap: float, attempt: int) -> float:

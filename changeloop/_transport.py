@@ -19,7 +19,7 @@ import os
 import socket
 import ssl
 import time
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 from ._sockets import (
     AddrInfo,
@@ -179,9 +179,7 @@ class NonBlockingConnection:
         "_deferred",
         "_last_exc",
         "_tls",
-        "_tunnel",
         "host",
-        "proxy_url",
         "port",
         "server_hostname",
         "sock",
@@ -189,6 +187,18 @@ class NonBlockingConnection:
         "state",
         "wants_write",
     )
+
+    # Through a proxy only, so held by _ProxiedConnection's slots: a direct connection, as
+    # almost every one of 10,000 feeds is, reads these class attributes (16 bytes a feed less).
+    _tunnel: Optional[Tunnel] = None
+    #: The URL of the HTTP proxy ``host:port`` is, when it forwards this plain connection's
+    #: requests (so that an answer may be the proxy's own); for messages.
+    proxy_url: Optional[str] = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "NonBlockingConnection":
+        if cls is NonBlockingConnection and (kwargs.get("tunnel") or kwargs.get("proxy_url")):
+            cls = _ProxiedConnection
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -209,10 +219,9 @@ class NonBlockingConnection:
         self.sock: Optional[socket.socket] = None
         # then resolving, connecting, (tunnelling,) handshaking, open; closed at any point
         self.state = "new"
-        self._tunnel = tunnel
-        #: The URL of the HTTP proxy ``host:port`` is, when it forwards this plain connection's
-        #: requests (so that an answer may be the proxy's own); for messages.
-        self.proxy_url = proxy_url
+        if tunnel is not None or proxy_url is not None:  # a _ProxiedConnection (see __new__)
+            self._tunnel = tunnel  # type: ignore[misc]  # (slots of _ProxiedConnection)
+            self.proxy_url = proxy_url  # type: ignore[misc]
         #: Set by recv() when TLS must write before it can read: wait for writable, then recv().
         self.wants_write = False
         self._tls: Optional[ssl.SSLSocket] = None
@@ -523,3 +532,9 @@ class NonBlockingConnection:
         sock, self.sock, self._tls = self.sock, None, None
         if sock is not None:
             sock.close()
+
+
+class _ProxiedConnection(NonBlockingConnection):
+    """A connection through an HTTP proxy: the same, with slots for the proxy's part."""
+
+    __slots__ = ("_tunnel", "proxy_url")

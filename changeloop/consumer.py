@@ -41,6 +41,7 @@ from ._policy import (
     MAX_CONNECTING_PER_LOOP,
     RECONNECT_BASE_S,
     RECONNECT_CAP_S,
+    RETRY_FOREVER,
     WATCHDOG_HEARTBEATS,
     WATCHDOG_RESOLUTION,
 )
@@ -183,8 +184,6 @@ class Consumer(_Requests):
         "first_byte_timeout",
         "healthy_after",
         "max_line_bytes",
-        "max_outage",
-        "max_retries",
         "reconnect_base",
         "reconnect_cap",
         "watchdog_heartbeats",
@@ -253,8 +252,8 @@ class Consumer(_Requests):
         self.checkpoint_interval = checkpoint_interval  #: Seconds between checkpoints.
         self.max_line_bytes = max_line_bytes  #: The longest feed line accepted.
         self.batch_size = batch_size  #: Changes per callback call, or ``None`` for one.
-        self.max_retries = max_retries  #: Failed attempts in a row before giving up, or ``None``.
-        self.max_outage = max_outage  #: Seconds without a healthy connection before giving up.
+        self.max_retries = max_retries
+        self.max_outage = max_outage
         self._rng = rng or _SHARED_RNG
         self._followers: Any = ()  # the consumers of changes() iterators (a tuple until one)
 
@@ -541,6 +540,29 @@ class Consumer(_Requests):
     def paused(self) -> bool:
         """Whether :meth:`pause` holds this feed."""
         return self._paused
+
+    @property
+    def max_retries(self) -> Optional[int]:
+        """Failed attempts in a row before giving up, or ``None`` (the default): for ever."""
+        return self._give_up[0]
+
+    @max_retries.setter
+    def max_retries(self, value: Optional[int]) -> None:
+        self._set_give_up(value, self._give_up[1])
+
+    @property
+    def max_outage(self) -> Optional[float]:
+        """Seconds without a healthy connection before giving up, or ``None``: never."""
+        return self._give_up[1]
+
+    @max_outage.setter
+    def max_outage(self, value: Optional[float]) -> None:
+        self._set_give_up(self._give_up[0], value)
+
+    def _set_give_up(self, max_retries: Optional[int], max_outage: Optional[float]) -> None:
+        # One slot for the two, and one shared tuple for the default: 16 bytes a feed less.
+        default = max_retries is None and max_outage is None
+        self._give_up = RETRY_FOREVER if default else (max_retries, max_outage)
 
     def stats(self) -> Dict[str, Any]:
         """What an operator asks at 3 a.m., as a plain dict (for any metrics system).
