@@ -15,7 +15,7 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._delivery import Change, _Delivery
-from ._perloop import Watchdogs, counts_of, gate_of, no_wheel, watchdogs_of
+from ._perloop import BLOCKING, Watchdogs, counts_of, gate_of, no_wheel, watchdogs_of
 from ._policy import (
     MAX_CONNECTING_PER_LOOP,
     QUICK_END_S,
@@ -69,7 +69,6 @@ class _Follow(_Delivery):
 
     __slots__ = (
         "_attempt",
-        "_blocking",
         "_caught_up",
         "_connected_at",
         "_fd",
@@ -118,7 +117,6 @@ class _Follow(_Delivery):
         self._pending: Optional[int] = None  # the server's last pending count
         self._paused = False  # pause(): the socket is not read and the watchdog rests
         self._caught_up = False  # on_caught_up reported in this run
-        self._blocking = False  # wait() runs the loop until this consumer stops
         #: Connections made since ``start`` (1 + reconnections).
         self.connections = 0
         #: The exception that stopped the consumer, if one did.
@@ -584,7 +582,7 @@ class _Follow(_Delivery):
             self._report(self.on_disconnect, self._event("disconnect", error=error))
         if error is not None:
             self._report(self.on_error, self._event("error", error=error))
-        if self._blocking and (self._state == STOPPED):
+        if self._state == STOPPED and BLOCKING.get(self.loop) is self:  # wait() ends
             self.loop.stop()
 
 

@@ -12,7 +12,19 @@ from ._policy import WATCHDOG_RESOLUTION
 from ._wheel import DeadlineWheel
 from .loop import Loop
 
-__all__ = ["ConnectGate", "gate_of", "watchdogs_of", "no_wheel", "counts_of", "Watchdogs"]
+__all__ = [
+    "ConnectGate",
+    "gate_of",
+    "watchdogs_of",
+    "no_wheel",
+    "counts_of",
+    "Watchdogs",
+    "BLOCKING",
+]
+
+#: The consumer whose ``wait()`` runs each loop, if one does: a loop runs once at a time, so
+#: this is the loop's, not a flag on every consumer (8 bytes a feed).
+BLOCKING: "weakref.WeakKeyDictionary[Loop, Any]" = weakref.WeakKeyDictionary()
 
 class ConnectGate:
     """The consumers of one loop holding a turn to connect, and those waiting for one, in order."""

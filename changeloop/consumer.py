@@ -33,7 +33,7 @@ from ._iterate import ChangesIterator
 from ._params import (
     DEFAULT_HEARTBEAT_MS,
 )
-from ._perloop import no_wheel
+from ._perloop import BLOCKING, no_wheel
 from ._policy import (
     _SHARED_RNG,
     CONNECT_TIMEOUT_S,
@@ -445,21 +445,21 @@ class Consumer(_Requests):
         loop = self.loop
         if loop.is_running():  # before start(): a refused wait() must not leave a feed behind
             raise RuntimeError("the loop is already running: use start() on a running loop")
-        self._blocking = True  # before start(): a stop() from elsewhere must end the run
+        BLOCKING[loop] = self  # before start(): a stop() from elsewhere must end the run
         try:
             self.start(callback, since, **params)
         except BaseException:
-            self._blocking = False
+            BLOCKING.pop(loop, None)
             raise
         try:
             loop.run(forever=True)
         except KeyboardInterrupt:
             logger.info("%s: interrupted; stopping", self.db.name)
-            self._blocking = False  # run() has returned: a loop.stop() now would end the next one
+            BLOCKING.pop(loop, None)  # run() has returned: a loop.stop() now would end the next
             loop.call_threadsafe(self._finish, None)  # the checkpoint is saved, then:
             raise
         finally:
-            self._blocking = False
+            BLOCKING.pop(loop, None)
         if self.error is not None:
             raise self.error
 
