@@ -403,6 +403,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the command with ``argv`` (``sys.argv[1:]`` by default); return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _main(parser, args)
+    except KeyboardInterrupt:  # before following, or so late that even the logging was undone
+        return EXIT_INTERRUPTED
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     with logging_to_stderr(args.verbose - args.quiet) as handler:
         started = time.monotonic()
         try:
