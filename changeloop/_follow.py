@@ -56,8 +56,12 @@ _CONNECTED = CONNECTED_STATES
 _GATED = GATED_STATES
 
 
+#: The states loop.stats() counts (idle consumers are not the loop's yet).
+_COUNTED = tuple(state for state in STATES if state != IDLE)
+
+
 def _counts_of_states(loop: Loop) -> "collections.Counter[str]":
-    return counts_of(loop, [state for state in STATES if state != IDLE])
+    return counts_of(loop, _COUNTED)
 
 
 class _Follow(_Delivery):
@@ -497,11 +501,9 @@ class _Follow(_Delivery):
         if healthy:
             self._attempt = 0  # not a failed attempt: the next failure is the first in a row
         logger.warning("%s: %s; reconnecting in %.2f s", self.db.name, exc, delay)
-        if state == BACKOFF:  # a failure on the way out of the backoff (opening the stream)
-            self._timer = self.loop.call_later(delay, self._retry)
-        else:
+        if state != BACKOFF:  # (in backoff: a failure on the way out of it, before "retry")
             self._move("fail")
-            self._timer = self.loop.call_later(delay, self._retry)
+        self._timer = self.loop.call_later(delay, self._retry)
         if was_streaming:
             self._report(self.on_disconnect, self._event("disconnect", error=exc))
         self._report(

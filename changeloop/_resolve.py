@@ -17,7 +17,7 @@ import threading
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from ._transport import map_socket_error
+from ._sockets import resolve
 from .errors import ConnectError
 from .loop import Loop
 
@@ -145,16 +145,9 @@ class Resolver:
 
     def _resolve(self, host: str, port: int) -> Result:
         try:
-            # No AI_ADDRCONFIG: see _transport.resolve.
-            return list(self._getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except OSError as exc:
-            error = map_socket_error(exc, host=host, port=port, phase="resolve")
-            error.__cause__ = exc
-            return error
-        except UnicodeError as exc:  # the IDNA codec rejected the name
-            error = ConnectError("could not resolve %s:%d: %s" % (host, port, exc))
-            error.__cause__ = exc
-            return error
+            return resolve(host, port, self._getaddrinfo)
+        except ConnectError as exc:  # handed to the loop's thread, which raises it there
+            return exc
 
     def _answer(self, key: Key, result: Result) -> None:
         """On the loop's thread: cache the addresses, and hand the result to everyone waiting."""

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import ssl
-from typing import Any, List, Optional, Protocol, Tuple, Union
+from typing import Any, Callable, List, Optional, Protocol, Tuple, Union
 
 from .errors import (
     ConnectError,
@@ -125,11 +125,14 @@ def make_ssl_context(
     return context
 
 
-def resolve(host: str, port: int) -> List[AddrInfo]:
+def resolve(
+    host: str, port: int, getaddrinfo: Callable[..., Any] = socket.getaddrinfo
+) -> List[AddrInfo]:
     """Resolve ``host`` to TCP addresses, IPv4 and IPv6, in the resolver's preferred order.
 
     Args:
         host, port: a name or address literal (IPv6 without brackets: ``"::1"``); a TCP port.
+        getaddrinfo: the lookup (the resolver's workers pass theirs; tests a slow one).
     Returns:
         ``socket.getaddrinfo`` tuples ``(family, type, proto, canonname, sockaddr)``.
     Raises:
@@ -138,7 +141,7 @@ def resolve(host: str, port: int) -> List[AddrInfo]:
     try:
         # No AI_ADDRCONFIG: glibc ignores loopback when deciding whether IPv6 is "configured",
         # so it would make "::1" unresolvable on hosts whose only IPv6 address is loopback.
-        return list(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        return list(getaddrinfo(host, port, type=socket.SOCK_STREAM))
     except OSError as exc:
         raise map_socket_error(exc, host=host, port=port, phase="resolve") from exc
     except UnicodeError as exc:  # the IDNA codec rejected the name
